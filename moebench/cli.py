@@ -1,0 +1,182 @@
+"""The `moebench` command line. Each command is a thin function over the package; heavy imports
+(torch, transformers) happen inside the commands so `moebench --help` stays instant."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from moebench.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train and evaluate dense / MoE / STGC / RoE vision-language models side by side; "
+                       "results go to Arrow tables.")
+data_app = typer.Typer(no_args_is_help=True, help="Generate or inspect datasets.")
+app.add_typer(data_app, name="data")
+err = Console(stderr=True)
+out = Console()
+
+RUNS = typer.Option(Path("runs"), "--runs", help="Directory of runs and cached stage checkpoints.")
+RESULTS = typer.Option(Path("results"), "--results", help="Directory the Arrow result tables are written to.")
+
+
+def _repo_dir(name: str) -> Path:
+    return Path(__file__).resolve().parents[1] / name
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/shapes_dense.yaml."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. stages.finetune.lr=1e-4 seed=1."),
+    runs: Path = RUNS,
+    results: Path = RESULTS,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted stage from its last checkpoint."),
+    eval_: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate the recipe's tasks after training."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Train every stage of RECIPE (reusing cached stages), save the run, then evaluate its tasks."""
+    from moebench.config import load_recipe
+    from moebench.train.pipeline import train as run_train
+
+    rec = load_recipe(recipe, overrides or [])
+    run = run_train(rec, runs_dir=runs, results_dir=results, resume=resume, progress=progress)
+    err.print(f"[green]trained[/] {run.dir} (final loss {run.meta['final_loss']:.4f}, {run.meta['train_seconds']:.0f}s)")
+    if eval_ and rec.eval.tasks:
+        from moebench.eval.runner import evaluate_run
+
+        rows = evaluate_run(run, rec.eval.tasks, data=None, batch_size=rec.eval.batch_size, limit=rec.eval.limit,
+                            results_dir=results, max_new_tokens=rec.eval.max_new_tokens, progress=progress)
+        _print_headlines(rows)
+
+
+@app.command("eval")
+def eval_cmd(
+    tasks: str = typer.Option("pope,gqa", "--tasks", help="Comma-separated task names (see `moebench ls`)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Run directory; default: the most recent run."),
+    data: Optional[str] = typer.Option(None, "--data", help="'shapes' or a data root (default: the run's own data, or $MOEBENCH_DATA)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generation batch."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N samples of each split."),
+    log_samples: bool = typer.Option(True, "--log-samples/--no-log-samples", help="Write the per-sample table."),
+    runs: Path = RUNS,
+    results: Path = RESULTS,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Evaluate a trained run on tasks and append metric and sample rows to the results directory."""
+    from moebench.eval.runner import evaluate_run
+    from moebench.runs import latest_run, open_run
+
+    run = open_run(model) if model else latest_run(runs)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise UserError("--tasks is empty; name at least one task, e.g. --tasks pope,gqa")
+    rows = evaluate_run(run, names, data=data, batch_size=batch_size, limit=limit, results_dir=results,
+                        log_samples=log_samples, progress=progress)
+    _print_headlines(rows)
+
+
+def _print_headlines(rows: list[dict]) -> None:
+    from moebench.report import headline_table
+
+    out.print(headline_table(rows))
+
+
+@app.command()
+def validate(recipes: list[Path] = typer.Argument(..., help="Recipe YAML files (or task YAML files) to check.")):
+    """Check recipes (and task files) without running them: keys, types, allowed values."""
+    from moebench.config import load_recipe
+    from moebench.eval.tasks import load_task
+
+    for path in recipes:
+        if path.parent.name == "tasks":
+            load_task(str(path))
+        else:
+            load_recipe(path)
+        out.print(f"[green]ok[/] {path}")
+
+
+@app.command()
+def report(
+    results_dirs: Optional[list[Path]] = typer.Argument(None, help="Results directories (default: results/)."),
+    as_json: bool = typer.Option(False, "--json", help="Print rows as JSON instead of a table."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Only these tasks (comma-separated)."),
+    all_metrics: bool = typer.Option(False, "--all", help="Every metric, not only each task's headline."),
+):
+    """One table across runs: each task's metrics beside its majority-answer baseline."""
+    from moebench.report import load_rows, report_table
+
+    rows = load_rows(results_dirs or [Path("results")], tasks.split(",") if tasks else None, all_metrics)
+    if as_json:
+        print(json.dumps(rows, indent=1, default=str))
+    else:
+        out.print(report_table(rows))
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the world (default: the cache)."),
+    seed: int = typer.Option(0, help="World seed."),
+    image_size: int = typer.Option(48, help="Image side in pixels."),
+    n_train: int = typer.Option(6000, help="Training images."),
+    n_val: int = typer.Option(1000, help="Held-out images."),
+):
+    """Generate the embedded shapes world (COCO, LLaVA, GQA, POPE, label maps) and print where it is."""
+    from moebench.data.shapes import WorldSpec, ensure_world
+
+    root = ensure_world(WorldSpec(seed=seed, image_size=image_size, n_train=n_train, n_val=n_val), root=out_dir)
+    out.print(str(root))
+
+
+@app.command("ls")
+def ls():
+    """List the shipped recipes and tasks."""
+    from rich.table import Table
+
+    from moebench.eval.tasks import load_task, task_names
+
+    t = Table(title="recipes")
+    t.add_column("recipe")
+    t.add_column("command")
+    for p in sorted(_repo_dir("recipes").glob("*.yaml")):
+        first = p.read_text().splitlines()[0].lstrip("# ").strip() if p.read_text() else ""
+        t.add_row(str(p.relative_to(_repo_dir("recipes").parent)), first)
+    out.print(t)
+    t = Table(title="tasks")
+    for c in ("task", "version", "description"):
+        t.add_column(c)
+    for name in task_names():
+        task = load_task(name)
+        t.add_row(name, str(task.version), task.description)
+    out.print(t)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; run the same command with --resume to continue from the last checkpoint")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Recipes: YAML loaded into typed dataclasses, `key=value` overrides, validation.
+
+A recipe is data; every check here names the key, the value and what is allowed, e.g.
+`stages.finetune.lr='fast' must be a float`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from moebench.errors import MissingFile, UserError
+from moebench.registry import did_you_mean
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower. `pretrained` (local dir or hub id) wins over the size fields."""
+
+    name: Literal["clip"] = "clip"
+    pretrained: str | None = None
+    image_size: int = 48
+    patch_size: int = 8
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 512
+    feature_layer: int = -2  # LLaVA-1.5 reads the penultimate layer
+    select: Literal["patch", "full"] = "patch"  # "patch" drops the class token (LLaVA "default")
+    aspect: Literal["pad", "resize"] = "pad"  # LLaVA-1.5 pads to a square with the mean colour
+    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+
+
+@dataclass
+class LLMConfig:
+    """The causal LM. `pretrained` (local dir or hub id) wins over the size fields."""
+
+    family: Literal["qwen2", "llama", "stablelm", "phi"] = "qwen2"
+    pretrained: str | None = None
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 512
+    max_positions: int = 512
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class TokenizerConfig:
+    """`pretrained` names a tokenizer dir/hub id (default: the LLM's); otherwise one is trained on the data."""
+
+    pretrained: str | None = None
+    vocab_size: int = 512
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    template: Literal["llava_v1"] = "llava_v1"
+    system: str = ""
+    pretrained: str | None = None  # a whole VLM: a moebench run dir or a LLaVA checkpoint dir
+
+
+@dataclass
+class WorldConfig:
+    """The embedded shapes world (used when data.source is 'shapes')."""
+
+    seed: int = 0
+    image_size: int = 48
+    n_train: int = 6000
+    n_val: int = 1000
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # "shapes" or a data root directory (real datasets)
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+
+@dataclass
+class StageConfig:
+    """One training stage. `train` names the modules that learn; everything else is frozen."""
+
+    name: str = ""
+    kind: Literal["clip", "lm"] = "lm"
+    data: str = ""  # LLaVA conversation JSON, relative to the data root
+    images: str = ""  # image folder, relative to the data root
+    template: Literal["chat", "plain"] = "chat"  # "plain" = image then caption (LLaVA stage I)
+    train: list[str] = field(default_factory=list)
+    lr: float = 2e-5
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per-module lr multipliers
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    schedule: Literal["cosine", "constant"] = "cosine"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_samples: int | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_len: int = 512
+    grad_clip: float = 1.0
+    save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["pope", "gqa"])
+    batch_size: int = 16
+    limit: int | None = None
+    max_new_tokens: int | None = None  # None = the task's own setting
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    seed: int = 0
+    variant: Literal["dense"] = "dense"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise UserError(f"no stage named {name!r}; stages are {[s.name for s in self.stages]}")
+
+
+TRAINABLE_MODULES = ("vision", "projector", "llm")
+# Fields that change how a stage is logged or checkpointed, not what it computes.
+_NON_SEMANTIC_STAGE_KEYS = {"save_every", "log_every"}
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str, what: str = "recipe"):
+    """Check `value` against the annotation `tp`; return it converted (int -> float, dict -> dataclass)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, what)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            hint = did_you_mean(str(value), [str(a) for a in allowed])
+            raise UserError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key}={value!r} must be a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}.{i}", what) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}={value!r} must be a mapping")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}", what) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key, what)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}={value!r} must be a float")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}={value!r} must be an int")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key}={value!r} must be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported annotation {_type_name(tp)} for {key}")
+
+
+def from_dict(cls, data: Any, prefix: str = "", what: str = "recipe"):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    where = prefix or what
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise UserError(f"unknown {what} key {full!r}{did_you_mean(str(key), names)}; allowed keys: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full, what)
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like key=value, e.g. stages.finetune.lr=1e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(raw: dict, text: str) -> None:
+    """Apply one `a.b.c=value` override to the raw recipe dict; list items by index or by `name`."""
+    path, value = _parse_override(text)
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            node = _list_item(node, part, where)
+        else:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise UserError(f"override {text!r}: {where} is a value, not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        raise UserError(f"override {text!r}: name a field of the list item, e.g. stages.<name>.lr=...")
+    node[last] = value
+
+
+def _list_item(items: list, part: str, where: str):
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    for item in items:
+        if isinstance(item, dict) and item.get("name") == part:
+            return item
+    names = [str(it.get("name")) for it in items if isinstance(it, dict)]
+    raise UserError(f"no item {part!r} in {where.rsplit('.', 1)[0]}{did_you_mean(part, names)}; items: {names}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(path, "recipe file", "see `moebench ls` for the shipped recipes")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping")
+    raw.setdefault("name", path.stem)
+    for o in overrides:
+        apply_override(raw, o)
+    recipe = from_dict(Recipe, raw)
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if not recipe.stages:
+        raise UserError("recipe has no stages; add at least one under `stages:`")
+    seen = set()
+    for i, s in enumerate(recipe.stages):
+        where = f"stages.{s.name or i}"
+        if not s.name:
+            raise UserError(f"stages.{i}.name is empty; give every stage a name")
+        if s.name in seen:
+            raise UserError(f"{where}: stage name used twice; names must be unique")
+        seen.add(s.name)
+        if not s.data:
+            raise UserError(f"{where}.data is empty; name the LLaVA conversation JSON under the data root")
+        for m in s.train:
+            if m not in TRAINABLE_MODULES:
+                raise UserError(f"{where}.train has {m!r}; allowed modules: {list(TRAINABLE_MODULES)}{did_you_mean(m, TRAINABLE_MODULES)}")
+        for m in s.lr_scale:
+            if m not in s.train:
+                raise UserError(f"{where}.lr_scale.{m}: module is not trained in this stage ({s.train})")
+        if s.kind == "clip" and s.train != ["vision"]:
+            raise UserError(f"{where}: a clip stage trains the vision tower only; set train: [vision]")
+        if not s.train:
+            raise UserError(f"{where}.train is empty; name the modules that learn ({list(TRAINABLE_MODULES)})")
+        for key in ("batch_size", "grad_accum", "max_len"):
+            if getattr(s, key) < 1:
+                raise UserError(f"{where}.{key}={getattr(s, key)} must be >= 1")
+        if s.lr <= 0:
+            raise UserError(f"{where}.lr={s.lr} must be > 0")
+        if not 0 <= s.warmup_ratio < 1:
+            raise UserError(f"{where}.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
+        if s.epochs <= 0 and not s.max_steps:
+            raise UserError(f"{where}: set epochs > 0 or max_steps")
+    v = recipe.model.vision
+    if v.pretrained is None and v.image_size % v.patch_size:
+        raise UserError(f"model.vision.image_size={v.image_size} must be a multiple of patch_size={v.patch_size}")
+    llm = recipe.model.llm
+    if llm.pretrained is None:
+        if llm.hidden_size % llm.heads:
+            raise UserError(f"model.llm.hidden_size={llm.hidden_size} must be divisible by heads={llm.heads}")
+        if llm.heads % llm.kv_heads:
+            raise UserError(f"model.llm.heads={llm.heads} must be divisible by kv_heads={llm.kv_heads}")
+    if recipe.eval.batch_size < 1:
+        raise UserError(f"eval.batch_size={recipe.eval.batch_size} must be >= 1")
+
+
+# ---------------------------------------------------------------------------- hashing
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_key(recipe: Recipe, index: int, data_hash: str) -> str:
+    """Hash of everything that produced stage `index`: model, data, stages so far, seed.
+
+    Two recipes that share their first stages get the same keys, so they share those checkpoints.
+    """
+    stages = []
+    for s in recipe.stages[: index + 1]:
+        d = to_dict(s)
+        for k in _NON_SEMANTIC_STAGE_KEYS:
+            d.pop(k)
+        stages.append(d)
+    part = {
+        "model": to_dict(recipe.model),
+        "data": {"source": recipe.data.source, "hash": data_hash},
+        "stages": stages,
+        "seed": recipe.seed,
+        "precision": recipe.precision,
+    }
+    return _digest(part)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    return _digest(to_dict(recipe))

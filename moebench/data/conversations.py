@@ -1,0 +1,135 @@
+"""LLaVA conversation data: reading, prompt templates, tokenisation with answer-only labels, collation.
+
+Templates (LLaVA, Liu et al. 2023):
+  chat  (llava_v1 / vicuna_v1): "[system ]USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>"
+  plain (stage I pre-training):  "<image>" then the caption and </s>
+Only answers (and their </s>) are supervised; prompts and image tokens get label -100.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from moebench.errors import MissingFile, UserError
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE = -100
+
+
+def read_conversations(path: Path, max_samples: int | None = None) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(path, "training data file", "download the LLaVA JSON into the data root, or use data.source=shapes")
+    try:
+        items = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(items, list) or not items or "conversations" not in items[0]:
+        raise UserError(f"{path}: expected a LLaVA conversation list [{{'image', 'conversations': [...]}}, ...]")
+    return items[:max_samples] if max_samples else items
+
+
+def chat_prompt(question: str, system: str = "", first: bool = True) -> str:
+    """The prompt part of one llava_v1 turn, ending where the assistant's answer starts."""
+    head = f"{system} " if (first and system) else ""
+    return f"{head}USER: {question} ASSISTANT:"
+
+
+@dataclass
+class Encoder:
+    """Turns conversations / prompts into token ids with the image placeholder expanded to N tokens."""
+
+    tokenizer: object
+    n_image_tokens: int
+    image_token_id: int
+    system: str = ""
+    max_len: int = 512
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids of `text`; each <image> becomes n_image_tokens image ids."""
+        out: list[int] = []
+        for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i:
+                out += [self.image_token_id] * self.n_image_tokens
+            if piece:
+                out += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return out
+
+    def bos(self) -> list[int]:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return [bos] if bos is not None and getattr(self.tokenizer, "add_bos_token", False) else []
+
+    def conversation(self, turns: list[dict], template: str) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) for a LLaVA `conversations` list."""
+        eos = self.tokenizer.eos_token_id
+        ids, labels = self.bos(), []
+        labels = [IGNORE] * len(ids)
+        if len(turns) < 2 or turns[0].get("from") != "human":
+            raise UserError(f"a conversation must start with a human turn and have an answer: {turns[:1]}")
+        for k in range(0, len(turns) - 1, 2):
+            q, a = turns[k]["value"], turns[k + 1]["value"]
+            if template == "plain":
+                prompt = self.ids(IMAGE_PLACEHOLDER) if k == 0 else []
+                answer = self.ids(a) + [eos]
+            else:
+                prompt = self.ids(chat_prompt(q, self.system, first=k == 0))
+                answer = self.ids(" " + a) + [eos]
+            ids += prompt + answer
+            labels += [IGNORE] * len(prompt) + answer
+        return ids[: self.max_len], labels[: self.max_len]
+
+    def prompt(self, question: str) -> list[int]:
+        """Ids of a single-turn evaluation prompt with one image."""
+        return self.bos() + self.ids(chat_prompt(f"{IMAGE_PLACEHOLDER}\n{question}", self.system))
+
+
+class ConversationDataset:
+    """Map-style dataset over a LLaVA JSON: items are dicts of input_ids, labels, pixel_values, caption."""
+
+    def __init__(self, items: list[dict], image_root: Path, encoder: Encoder, template: str, vision_cfg):
+        self.items, self.image_root, self.encoder = items, Path(image_root), encoder
+        self.template, self.vision = template, vision_cfg
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        from moebench.data.images import load_image, preprocess
+
+        item = self.items[i]
+        ids, labels = self.encoder.conversation(item["conversations"], self.template)
+        v = self.vision
+        image = preprocess(load_image(self.image_root / item["image"]), v.image_size, v.image_mean, v.image_std, v.aspect)
+        caption = self.encoder.ids(item["conversations"][-1]["value"])[: 62] + [self.encoder.tokenizer.eos_token_id]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": image,
+                "caption_ids": torch.tensor(caption)}
+
+
+def pad_stack(seqs, value: int, left: bool = False):
+    """Stack 1-D tensors into (B, T), padding on the right (training) or the left (generation)."""
+    import torch
+
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), value, dtype=seqs[0].dtype)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if left:
+            out[b, T - len(s):], mask[b, T - len(s):] = s, 1
+        else:
+            out[b, : len(s)], mask[b, : len(s)] = s, 1
+    return out, mask
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    import torch
+
+    ids, mask = pad_stack([b["input_ids"] for b in batch], pad_id)
+    labels, _ = pad_stack([b["labels"] for b in batch], IGNORE)
+    caps, cap_mask = pad_stack([b["caption_ids"] for b in batch], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
+            "caption_ids": caps, "caption_mask": cap_mask}

@@ -1,0 +1,472 @@
+"""The embedded "shapes" world: small synthetic images written in the real datasets' file formats.
+
+Each image holds a few flat-coloured shapes (shape x colour x size x position) on a dark background.
+From one seed we write COCO instances, LLaVA conversations (captions for stage I, short-answer QA for
+stage II), GQA questions and scene graphs, POPE questions (built by `pope.build_pope` from the COCO
+file), semantic label maps and class labels, so the readers for real data serve this world too.
+The relative paths under the world root are a contract (see `ensure_world`).
+
+Masks are rasterised from the stored polygons by pycocotools itself, so the pixels, the label maps and
+`COCO.annToMask` agree exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from moebench.data import pope
+from moebench.errors import MissingFile, UserError
+
+WORLD_VERSION = 1
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "semicircle", "bar")
+COLORS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 90, 240),
+          "yellow": (240, 230, 40), "purple": (160, 50, 210), "orange": (250, 130, 0)}
+SIZES = {"small": 0.22, "large": 0.36}  # side of the shape's box / image size
+BACKGROUND = (24, 24, 32)
+MARGIN = 2.0  # px between the boxes of two objects
+MIN_DX = 3.0  # px between x centres, so left / right is never ambiguous
+SUFFIX = "\nAnswer the question using a single word or phrase."
+CAPTION_PROMPTS = ("Describe the image briefly.", "Give a short description of the image.",
+                   "What objects are in the picture?", "List the objects in the image.")
+KINDS = ("existence", "color", "shape", "count", "relation")  # GQA "detailed" types
+FOLDERS = {"train": "train2014", "val": "val2014"}
+TURNS = 5  # QA turns per stage-II conversation
+GQA_PER_IMAGE = 2
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    seed: int = 0
+    image_size: int = 48
+    n_train: int = 6000
+    n_val: int = 1000
+    min_objects: int = 2
+    max_objects: int = 5
+    pope_images: int = 500  # POPE images per split, drawn from val
+
+    def __post_init__(self):
+        if self.image_size < 32:
+            raise UserError(f"shapes.image_size={self.image_size}: must be >= 32")
+        if self.n_train < 0 or self.n_val < 1:
+            raise UserError(f"shapes.n_train={self.n_train}, n_val={self.n_val}: need n_train >= 0, n_val >= 1")
+        if not 1 <= self.min_objects <= self.max_objects <= len(SHAPES) - 3:
+            raise UserError(f"shapes.min_objects={self.min_objects}, max_objects={self.max_objects}: need "
+                            f"1 <= min_objects <= max_objects <= {len(SHAPES) - 3} (POPE needs 3 absent shapes)")
+        if self.pope_images < 1:
+            raise UserError(f"shapes.pope_images={self.pope_images}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    size: str
+    cx: float
+    cy: float
+    side: float
+
+    @property
+    def polygon(self) -> list[float]:
+        """COCO polygon [x1, y1, x2, y2, ...] in pixels (2 decimals, so JSON round-trips it exactly)."""
+        half = self.side / 2
+        return [round(v, 2) for x, y in _UNIT[self.shape] for v in (self.cx + x * half, self.cy + y * half)]
+
+
+@dataclass
+class Scene:
+    image_id: int
+    file_name: str
+    objects: list[Obj]
+    ann_ids: list[int]
+
+    @property
+    def stem(self) -> str:
+        return self.file_name.rsplit(".", 1)[0]
+
+
+def _ring(n: int, r: float, phase: float = 0.0, y0: float = 0.0, arc: float = 2 * math.pi):
+    return [(r * math.cos(phase + arc * k / n), y0 + r * math.sin(phase + arc * k / n)) for k in range(n)]
+
+
+def _unit_shapes() -> dict[str, list[tuple[float, float]]]:
+    """Each shape's vertices in its box [-1, 1]^2, y pointing down."""
+    w = 0.32  # half width of the cross's arms
+    star = _ring(10, 1.0, -math.pi / 2)
+    star = [(x * (1 if k % 2 == 0 else 0.42), y * (1 if k % 2 == 0 else 0.42)) for k, (x, y) in enumerate(star)]
+    return {
+        "circle": _ring(32, 1.0),
+        "square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
+        "triangle": [(0.0, -1.0), (1.0, 0.85), (-1.0, 0.85)],
+        "diamond": [(0.0, -1.0), (1.0, 0.0), (0.0, 1.0), (-1.0, 0.0)],
+        "star": star,
+        "cross": [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)],
+        "semicircle": _ring(16, 1.0, 0.0, 0.5, -math.pi) + [(-1.0, 0.5)],  # dome up, flat side down
+        "bar": [(-1.0, -0.3), (1.0, -0.3), (1.0, 0.3), (-1.0, 0.3)],
+    }
+
+
+_UNIT = _unit_shapes()
+
+
+def default_cache_dir(spec: WorldSpec = WorldSpec()) -> Path:
+    base = Path(os.environ.get("MOEBENCH_CACHE") or Path.home() / ".cache" / "moebench")
+    return base / "shapes" / f"v{WORLD_VERSION}-seed{spec.seed}-{spec.image_size}px-{spec.n_train}-{spec.n_val}"
+
+
+def read_manifest(root) -> dict:
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise MissingFile(path, "shapes world manifest", "create the world with ensure_world()")
+    return json.loads(path.read_text())
+
+
+def world_hash(root) -> str:
+    return read_manifest(root)["hash"]
+
+
+def ensure_world(spec: WorldSpec = WorldSpec(), root: Path | None = None, progress: bool = True) -> Path:
+    """The world's root, generated first if it is missing or was made from another spec.
+
+    Generation writes into a temp folder beside the root and renames it into place, so readers never
+    see a half-written world and concurrent generators cannot corrupt each other.
+    """
+    root = Path(root) if root is not None else default_cache_dir(spec)
+    if _matches(root, spec):
+        return root
+    if root.is_dir() and any(root.iterdir()) and not _is_world(root):
+        raise UserError(f"{root} exists and is not a shapes world: remove it or choose another root")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        counts = _generate(spec, tmp, progress)
+        manifest = {"world": "shapes", "version": WORLD_VERSION, "spec": dataclasses.asdict(spec),
+                    "hash": _hash_tree(tmp), "counts": counts}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _install(tmp, root, spec)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _manifest_or_none(root: Path) -> dict | None:
+    try:
+        return json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_world(root: Path) -> bool:
+    return (_manifest_or_none(root) or {}).get("world") == "shapes"
+
+
+def _matches(root: Path, spec: WorldSpec) -> bool:
+    m = _manifest_or_none(root) or {}
+    return m.get("world") == "shapes" and m.get("version") == WORLD_VERSION and m.get("spec") == dataclasses.asdict(spec)
+
+
+def _install(tmp: Path, root: Path, spec: WorldSpec) -> None:
+    for _ in range(5):
+        try:
+            os.replace(tmp, root)  # atomic; fails if root is a non-empty folder
+            return
+        except OSError:
+            if _matches(root, spec):  # another generator finished first: keep its world
+                return
+        if not _is_world(root):
+            raise UserError(f"{root} exists and is not a shapes world: remove it or choose another root")
+        stale = root.with_name(f".{root.name}.stale-{uuid.uuid4().hex}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(root, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    raise UserError(f"could not install the shapes world at {root}: it keeps changing under us")
+
+
+def _hash_tree(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- scenes
+
+
+def _sample_scene(rng: random.Random, spec: WorldSpec) -> list[Obj]:
+    """2..5 non-overlapping objects with distinct x centres; the image is redrawn if placement fails."""
+    size = spec.image_size
+    n = rng.randint(spec.min_objects, spec.max_objects)
+    for _ in range(1000):
+        drawn = [(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES))) for _ in range(n)]
+        placed: dict[int, Obj] = {}
+        for k in sorted(range(n), key=lambda k: -SIZES[drawn[k][2]]):  # large ones first: they pack better
+            shape, color, sz = drawn[k]
+            side = SIZES[sz] * size
+            lo, hi = side / 2 + 1, size - side / 2 - 1
+            for _ in range(20):
+                cx, cy = round(rng.uniform(lo, hi), 2), round(rng.uniform(lo, hi), 2)
+                if all(abs(cx - o.cx) >= MIN_DX and (abs(cx - o.cx) >= (side + o.side) / 2 + MARGIN
+                                                     or abs(cy - o.cy) >= (side + o.side) / 2 + MARGIN)
+                       for o in placed.values()):
+                    placed[k] = Obj(shape, color, sz, cx, cy, side)
+                    break
+            else:
+                break
+        if len(placed) == n:
+            return [placed[k] for k in range(n)]  # annotation order = draw order
+    raise UserError(f"could not place {n} objects in a {size}px image: raise shapes.image_size or lower max_objects")
+
+
+def _sample_split(split: str, spec: WorldSpec, first_id: int, first_ann: int) -> list[Scene]:
+    rng = random.Random(f"shapes-{spec.seed}-{split}-scenes")
+    count = spec.n_train if split == "train" else spec.n_val
+    scenes, ann = [], first_ann
+    for i in range(count):
+        objs = _sample_scene(rng, spec)
+        scenes.append(Scene(first_id + i, f"shapes_{split}_{i:06d}.png", objs, list(range(ann, ann + len(objs)))))
+        ann += len(objs)
+    return scenes
+
+
+def _rasterize(polygon: list[float], size: int) -> np.ndarray:
+    """(size, size) bool mask, exactly as pycocotools' COCO.annToMask draws the polygon."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([polygon], size, size))).astype(bool)
+
+
+def _write_split(split: str, scenes: list[Scene], spec: WorldSpec, out: Path, advance) -> tuple[dict, dict]:
+    """Images, label maps, the COCO instances dict and {file_name: largest shape} for one split."""
+    size, folder = spec.image_size, FOLDERS[split]
+    for sub in ("coco", "seg"):
+        (out / sub / folder).mkdir(parents=True, exist_ok=True)
+    images, anns, classes = [], [], {}
+    for scene in scenes:
+        pixels = np.empty((size, size, 3), np.uint8)
+        pixels[:] = BACKGROUND
+        labels = np.zeros((size, size), np.uint8)
+        areas = []
+        for obj, ann_id in zip(scene.objects, scene.ann_ids):
+            poly, cat = obj.polygon, SHAPES.index(obj.shape) + 1
+            mask = _rasterize(poly, size)
+            pixels[mask], labels[mask] = COLORS[obj.color], cat
+            xs, ys = poly[0::2], poly[1::2]
+            areas.append(int(mask.sum()))
+            anns.append({"id": ann_id, "image_id": scene.image_id, "category_id": cat,
+                         "bbox": [min(xs), min(ys), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
+                         "area": areas[-1], "iscrowd": 0, "segmentation": [poly],
+                         "color": obj.color, "size": obj.size})
+        Image.fromarray(pixels).save(out / "coco" / folder / scene.file_name)
+        Image.fromarray(labels).save(out / "seg" / folder / scene.file_name)
+        images.append({"id": scene.image_id, "file_name": scene.file_name, "width": size, "height": size})
+        classes[scene.file_name] = scene.objects[areas.index(max(areas))].shape
+        advance()
+    coco = {"info": {"description": f"moebench shapes world v{WORLD_VERSION}, seed {spec.seed}, {split}",
+                     "version": str(WORLD_VERSION)},
+            "licenses": [], "images": images, "annotations": anns,
+            "categories": [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)]}
+    return coco, classes
+
+
+# ---------------------------------------------------------------- language
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def caption(objs: list[Obj]) -> str:
+    """'a small red circle, a large blue star and a small green bar.' (objects left to right)"""
+    parts = [_a(f"{o.size} {o.color} {o.shape}") for o in sorted(objs, key=lambda o: o.cx)]
+    return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
+
+
+def _names(objs: list[Obj]) -> list[tuple[str, Obj]]:
+    """Objects that a short name picks out uniquely: by shape, else by colour + shape."""
+    shapes, pairs = Counter(o.shape for o in objs), Counter((o.color, o.shape) for o in objs)
+    return [(o.shape if shapes[o.shape] == 1 else f"{o.color} {o.shape}", o)
+            for o in objs if shapes[o.shape] == 1 or pairs[(o.color, o.shape)] == 1]
+
+
+def ask(kind: str, objs: list[Obj], rng: random.Random, yes: bool = True) -> dict | None:
+    """One question of a GQA detailed type about a scene, or None if the scene cannot support it.
+
+    Returns {question, answer (one lowercase word), full (fullAnswer), structural, semantic, detailed}.
+    `yes` picks the answer of an existence question.
+    """
+    shapes, colors = Counter(o.shape for o in objs), Counter(o.color for o in objs)
+    if kind == "existence":
+        if rng.random() < 0.5:
+            pool = sorted(shapes) if yes else [s for s in SHAPES if s not in shapes]
+            name, semantic = rng.choice(pool), "obj"
+        else:
+            pairs = {(o.color, o.shape) for o in objs}  # hard negatives: a present shape, another colour
+            pool = sorted(pairs) if yes else [(c, s) for s in sorted(shapes) for c in COLORS if (c, s) not in pairs]
+            name, semantic = " ".join(rng.choice(pool)), "attr"
+        answer, full = ("yes", f"Yes, there is {_a(name)}.") if yes else ("no", f"No, there is no {name}.")
+        q = (f"Is there {_a(name)} in the image?", answer, full, "verify", semantic)
+    elif kind == "color":
+        unique = [o for o in objs if shapes[o.shape] == 1]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        q = (f"What color is the {o.shape}?", o.color, f"The {o.shape} is {o.color}.", "query", "attr")
+    elif kind == "shape":
+        unique = [o for o in objs if colors[o.color] == 1]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        q = (f"What shape is the {o.color} object?", o.shape, f"The {o.color} object is {_a(o.shape)}.", "query", "cat")
+    elif kind == "count":
+        if rng.random() < 0.5:
+            n, what, semantic = len(objs), "objects", "obj"
+        else:
+            color = rng.choice(sorted(colors))
+            n, what, semantic = colors[color], f"{color} objects", "attr"
+        verb = "is" if n == 1 else "are"
+        full = f"There {verb} {n} {what[:-1] if n == 1 else what}."
+        q = (f"How many {what} are there?", str(n), full, "query", semantic)
+    elif kind == "relation":
+        named = _names(objs)
+        if len(named) < 2:
+            return None
+        (a, oa), (b, ob) = rng.sample(named, 2)
+        side = "left" if oa.cx < ob.cx else "right"
+        q = (f"Is the {a} to the left or to the right of the {b}?", side, f"The {a} is to the {side} of the {b}.",
+             "choose", "rel")
+    else:
+        raise ValueError(kind)
+    return dict(zip(("question", "answer", "full", "structural", "semantic"), q), detailed=kind)
+
+
+def _llava(scenes: list[Scene], spec: WorldSpec) -> tuple[list[dict], list[dict]]:
+    """Stage-I captions and stage-II multi-turn QA, in LLaVA conversation JSON."""
+    rng = random.Random(f"shapes-{spec.seed}-llava")
+    captions, instruct = [], []
+    for s in scenes:
+        prompt = "<image>\n" + rng.choice(CAPTION_PROMPTS)
+        captions.append({"id": s.stem, "image": s.file_name, "conversations": [
+            {"from": "human", "value": prompt}, {"from": "gpt", "value": caption(s.objects)}]})
+        turns, asked = [], set()
+        for _ in range(20 * TURNS):
+            q = ask(rng.choice(KINDS), s.objects, rng, yes=rng.random() < 0.5)
+            if q and q["question"] not in asked:
+                asked.add(q["question"])
+                turns += [{"from": "human", "value": ("" if turns else "<image>\n") + q["question"] + SUFFIX},
+                          {"from": "gpt", "value": q["answer"]}]
+            if len(turns) == 2 * TURNS:
+                break
+        instruct.append({"id": s.stem, "image": s.file_name, "conversations": turns})
+    return captions, instruct
+
+
+def _gqa(scenes: list[Scene], spec: WorldSpec) -> dict:
+    """GQA testdev-balanced style questions: the least used applicable type next, yes/no alternating."""
+    rng = random.Random(f"shapes-{spec.seed}-gqa")
+    used, questions = Counter(), {}
+    for s in scenes:
+        asked = set()
+        for _ in range(GQA_PER_IMAGE):
+            for kind in sorted(KINDS, key=lambda k: (used[k], rng.random())):
+                q = ask(kind, s.objects, rng, yes=used["existence"] % 2 == 0)
+                if q and q["question"] not in asked:
+                    break
+            else:
+                continue
+            asked.add(q["question"])
+            used[kind] += 1
+            questions[str(len(questions) + 1)] = {
+                "imageId": s.stem, "question": q["question"], "answer": q["answer"], "fullAnswer": q["full"],
+                "isBalanced": True,
+                "types": {"structural": q["structural"], "semantic": q["semantic"], "detailed": q["detailed"]}}
+    return questions
+
+
+def _scene_graphs(scenes: list[Scene], spec: WorldSpec) -> dict:
+    graphs = {}
+    for s in scenes:
+        objects = {}
+        for obj, ann_id in zip(s.objects, s.ann_ids):
+            xs, ys = obj.polygon[0::2], obj.polygon[1::2]
+            x, y = math.floor(min(xs)), math.floor(min(ys))
+            relations = [{"name": "to the left of" if obj.cx < other.cx else "to the right of", "object": str(other_id)}
+                         for other, other_id in zip(s.objects, s.ann_ids) if other_id != ann_id]
+            objects[str(ann_id)] = {"name": obj.shape, "x": x, "y": y, "w": math.ceil(max(xs)) - x,
+                                    "h": math.ceil(max(ys)) - y, "attributes": [obj.color, obj.size],
+                                    "relations": relations}
+        graphs[s.stem] = {"width": spec.image_size, "height": spec.image_size, "objects": objects}
+    return graphs
+
+
+# ---------------------------------------------------------------- generation
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("generating the shapes world", total=total)
+        yield lambda: bar.advance(task)
+
+
+def _dump(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _generate(spec: WorldSpec, out: Path, progress: bool) -> dict:
+    """Write every file of the world under `out`; return the counts for the manifest."""
+    train = _sample_split("train", spec, 1, 1)
+    val = _sample_split("val", spec, spec.n_train + 1, sum(len(s.objects) for s in train) + 1)
+    eligible = sum(len({o.shape for o in s.objects}) >= 3 for s in val)
+    if eligible < spec.pope_images:
+        raise UserError(f"shapes world: only {eligible} of {spec.n_val} val images have >= 3 distinct shapes, "
+                        f"POPE needs shapes.pope_images={spec.pope_images}: raise shapes.n_val or lower pope_images")
+    with _progress_bar(progress, len(train) + len(val)) as advance:
+        for split, scenes in (("train", train), ("val", val)):
+            coco, classes = _write_split(split, scenes, spec, out, advance)
+            _dump(coco, out / "annotations" / f"instances_{FOLDERS[split]}.json")
+            _dump(classes, out / "cls" / f"{FOLDERS[split]}.json")
+    captions, instruct = _llava(train, spec)
+    _dump(captions, out / "llava" / "shapes_caption_train2014.json")
+    _dump(instruct, out / "llava" / "shapes_instruct_train2014.json")
+
+    questions = _gqa(val, spec)
+    _dump(questions, out / "gqa" / "testdev_balanced_questions.json")
+    _dump(_scene_graphs(val, spec), out / "gqa" / "val_sceneGraphs.json")
+    (out / "gqa" / "images").mkdir(parents=True)
+    for s in val:
+        src, dst = out / "coco" / "val2014" / s.file_name, out / "gqa" / "images" / s.file_name
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+    splits = pope.build_pope(out / "annotations" / "instances_val2014.json", num_images=spec.pope_images, seed=spec.seed)
+    for name, records in splits.items():
+        pope.write_pope_jsonl(records, out / "pope" / f"coco_pope_{name}.json")
+    return {"train_images": len(train), "val_images": len(val),
+            "train_objects": sum(len(s.objects) for s in train), "val_objects": sum(len(s.objects) for s in val),
+            "pope_eligible_val_images": eligible, "pope_questions": len(splits["random"]),
+            "instruct_turns": sum(len(c["conversations"]) // 2 for c in instruct),
+            "gqa_questions": len(questions),
+            "gqa_types": dict(sorted(Counter(q["types"]["detailed"] for q in questions.values()).items()))}

@@ -1,0 +1,185 @@
+"""Evaluate a trained run on tasks: batched timed generation, metrics, metric and sample rows in Arrow."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from moebench import __version__, results
+from moebench.data.conversations import Encoder
+from moebench.data.sources import DataSource, file_hash, resolve
+from moebench.eval import metrics
+from moebench.eval.generate import greedy_generate
+from moebench.eval.tasks import Sample, TaskConfig, load_samples, load_task
+from moebench.runs import RunInfo
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return rss / 1024 if platform.system() == "Linux" else rss / 2**20
+
+
+def _batches(samples: list[Sample], size: int):
+    for i in range(0, len(samples), size):
+        yield samples[i: i + size]
+
+
+def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[Sample], *, vision,
+            batch_size: int, max_new_tokens: int, device: torch.device, progress: bool = True
+            ) -> tuple[list[dict], dict]:
+    """Greedy answers for `samples`; returns per-sample records and the task's timing summary."""
+    from moebench.data.images import load_image, preprocess
+
+    v = vision
+
+    def run(batch: list[Sample]):
+        prompts = [encoder.prompt(s.question + task.prompt_suffix) for s in batch]
+        pixels = torch.stack([preprocess(load_image(s.image), v.image_size, v.image_mean, v.image_std, v.aspect)
+                              for s in batch]).to(device)
+        gen = greedy_generate(model, prompts, pixels, max_new_tokens=max_new_tokens,
+                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+        return prompts, gen
+
+    if samples:
+        run(samples[:batch_size])  # warm-up, not timed
+    records, ttfts, decode_s, decode_tokens = [], [], 0.0, 0
+    t_start = time.perf_counter()
+    with _task_bar(progress, task.name, len(samples)) as bar:
+        for batch in _batches(samples, batch_size):
+            prompts, gen = run(batch)
+            ttfts.append(gen.ttft_s)
+            decode_s += gen.decode_s
+            decode_tokens += gen.decode_steps
+            for s, p, toks in zip(batch, prompts, gen.tokens):
+                records.append({
+                    "sample": s, "prompt_ids": p, "output_ids": toks,
+                    "prediction": tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                    "latency_ms": 1000 * (gen.ttft_s + gen.decode_s), "ttft_ms": 1000 * gen.ttft_s,
+                    "batch_size": len(batch),
+                })
+            bar(len(batch))
+    wall = time.perf_counter() - t_start
+    timing = {
+        "ttft_ms": 1000 * sum(ttfts) / max(1, len(ttfts)),
+        "tpot_ms": 1000 * decode_s / decode_tokens if decode_tokens else None,
+        "samples_per_s": len(samples) / wall if wall > 0 else None,
+        "peak_mem_mb": _peak_memory_mb(device),
+    }
+    return records, timing
+
+
+class _task_bar:
+    def __init__(self, enabled: bool, name: str, total: int):
+        self.enabled, self.name, self.total = enabled, name, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn(f"[bold]eval {self.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self.p.__enter__()
+        task = self.p.add_task(self.name, total=self.total)
+        return lambda n: self.p.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)
+
+
+def score(task: TaskConfig, records: list[dict]) -> tuple[list[dict], list[float]]:
+    """Metric values per split (+ the mean over splits when there are several) and per-sample scores."""
+    options = {"normalizer": task.normalizer} if task.normalizer else {}
+    by_split: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_split.setdefault(r["sample"].split, []).append(i)
+    rows, scores = [], [0.0] * len(records)
+    per_split_values = []
+    for split, idx in by_split.items():
+        preds = [records[i]["prediction"] for i in idx]
+        targets = [records[i]["sample"].target for i in idx]
+        res = metrics.compute(task.metric, preds, targets, **options)
+        base = metrics.baseline_values(task.metric, targets, **options)
+        for i, s in zip(idx, res.scores):
+            scores[i] = s
+        per_split_values.append((res.values, base))
+        for name, value in res.values.items():
+            rows.append({"split": split, "metric": name, "value": value, "baseline": base.get(name), "n": len(idx)})
+    if len(by_split) > 1:
+        for name in per_split_values[0][0]:
+            vals = [v[name] for v, _ in per_split_values]
+            bases = [b.get(name) for _, b in per_split_values]
+            rows.append({"split": "mean", "metric": name, "value": sum(vals) / len(vals),
+                         "baseline": sum(bases) / len(bases) if None not in bases else None,
+                         "n": len(records)})
+    return rows, scores
+
+
+def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch_size: int, limit: int | None,
+                 results_dir: Path, max_new_tokens: int | None = None, progress: bool = True,
+                 log_samples: bool = True, device: torch.device | None = None) -> list[dict]:
+    """Evaluate a run's model on tasks; append metric (and sample) rows to results_dir; return metric rows."""
+    from moebench.models.params import count_params
+
+    tasks = [load_task(t) for t in task_names]  # fail on unknown names before loading anything
+    recipe = run.recipe
+    src: DataSource = resolve(data or recipe.data.source, recipe.data.world, progress=progress)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = run.load_model(device)
+    encoder = Encoder(tokenizer, model.num_image_tokens, model.image_token_id, system=recipe.model.system)
+    params = count_params(model)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    common = {
+        "run": run.name, "variant": recipe.variant, "params_total": params["total"],
+        "params_activated": params["activated"], "params_detail": params, "device": _device_name(device),
+        "dtype": dtype, "batch_size": batch_size, "threads": torch.get_num_threads(), "seed": recipe.seed,
+        "git_commit": run.git_commit, "moebench_version": __version__, "recipe": recipe.name,
+        "recipe_hash": run.recipe_hash,
+    }
+    all_rows = []
+    for task in tasks:
+        samples = load_samples(task, src.root, limit)
+        records, timing = predict(model, tokenizer, encoder, task, samples, vision=recipe.model.vision,
+                                  batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens or task.max_new_tokens, device=device,
+                                  progress=progress)
+        metric_rows, scores = score(task, records)
+        stamp = results.utc_now()
+        data_hash = src.hash or _questions_hash(task, src.root)
+        rows = [{**common, **timing, **r, "task": task.name, "dataset": src.name, "dataset_hash": data_hash,
+                 "task_version": task.version, "normalizer": task.normalizer or None, "timestamp": stamp}
+                for r in metric_rows]
+        results.append_rows(results_dir, "metrics", run.name, rows)
+        if log_samples:
+            results.append_rows(results_dir, "samples", run.name, [
+                {"run": run.name, "task": task.name, "split": r["sample"].split, "question_id": r["sample"].question_id,
+                 "image": str(r["sample"].image.name), "prompt": r["sample"].question + task.prompt_suffix,
+                 "prediction": r["prediction"], "target": r["sample"].target, "score": s,
+                 "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"], "prompt_tokens": len(r["prompt_ids"]),
+                 "output_tokens": len(r["output_ids"]), "batch_size": r["batch_size"], "timestamp": stamp}
+                for r, s in zip(records, scores)])
+        all_rows += rows
+    return all_rows
+
+
+def _questions_hash(task: TaskConfig, root: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in task.splits:
+        h.update(file_hash(root / task.questions.format(split=split)).encode())
+    return h.hexdigest()[:16]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

@@ -1,0 +1,83 @@
+"""The LLaVA-style vision-language model: vision tower -> projector -> causal LM.
+
+Image features replace the `<image>` placeholder tokens in the LM's input embeddings (LLaVA, Liu et
+al. 2023). The parts are given to the constructor; variants (MoE, RoE) transform the LM in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moebench.errors import UserError
+
+
+class MLPProjector(nn.Sequential):
+    """LLaVA-1.5 `mlp2x_gelu`: Linear(d_v, d), GELU, Linear(d, d)."""
+
+    def __init__(self, d_vision: int, d_llm: int):
+        super().__init__(nn.Linear(d_vision, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
+
+
+class VLM(nn.Module):
+    def __init__(self, vision_tower: nn.Module, projector: nn.Module, llm: nn.Module, *,
+                 image_token_id: int, feature_layer: int = -2, select: str = "patch"):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = image_token_id
+        self.feature_layer = feature_layer
+        self.select = select
+
+    @property
+    def num_image_tokens(self) -> int:
+        cfg = self.vision_tower.config
+        n = (cfg.image_size // cfg.patch_size) ** 2
+        return n if self.select == "patch" else n + 1
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, d_llm) projected patch features of the chosen vision layer."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        out = self.vision_tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        h = out.hidden_states[self.feature_layer]  # (B, 1 + P, d_v)
+        if self.select == "patch":
+            h = h[:, 1:]  # (B, P, d_v) class token dropped
+        return self.projector(h)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image features scattered into the image placeholder positions."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, d)
+        mask = input_ids == self.image_token_id  # (B, T)
+        n_slots = int(mask.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise UserError("the prompt has <image> tokens but no image was given")
+            return embeds
+        feats = self.image_features(pixel_values)  # (B, N, d)
+        if n_slots != feats.shape[0] * feats.shape[1]:
+            raise UserError(
+                f"{n_slots} image placeholder tokens for {feats.shape[0]} images x {feats.shape[1]} features; "
+                "each sample needs exactly one <image>"
+            )
+        return embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool = False, logits_to_keep: int = 0):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            # left padding: positions count real tokens only
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, mean over supervised tokens (labels -100 are ignored)."""
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    return nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                       shift_labels.reshape(-1), ignore_index=-100)

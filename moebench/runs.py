@@ -1,0 +1,72 @@
+"""Run directories: what `moebench train` leaves behind and `moebench eval` reads.
+
+    runs/<recipe>-<key>/run.json     the resolved recipe, its hash, stage keys, data, git commit
+    runs/<recipe>-<key>/model/       the final model (see models/checkpoint.py)
+    runs/.stages/<i>-<stage>-<key>/  stage checkpoints shared by every recipe with the same first stages
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from moebench.config import Recipe, from_dict
+from moebench.errors import MissingFile, UserError
+
+RUN_FILE = "run.json"
+STAGES_DIR = ".stages"
+
+
+@dataclass
+class RunInfo:
+    dir: Path
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def recipe(self) -> Recipe:
+        return from_dict(Recipe, self.meta["recipe"])
+
+    @property
+    def recipe_hash(self) -> str:
+        return self.meta.get("recipe_hash", "")
+
+    @property
+    def git_commit(self) -> str:
+        return self.meta.get("git_commit", "")
+
+    def load_model(self, device=None):
+        from moebench.models.checkpoint import load_vlm
+
+        model, tokenizer, _ = load_vlm(self.dir / "model", expect=self.recipe.model)
+        if device is not None:
+            model.to(device)
+        return model, tokenizer
+
+
+def open_run(path: str | Path) -> RunInfo:
+    path = Path(path)
+    if not (path / RUN_FILE).is_file() or not (path / "model").is_dir():
+        raise UserError(f"{path} is not a moebench run (no {RUN_FILE} and model/); pass a directory made by `moebench train`")
+    return RunInfo(path, json.loads((path / RUN_FILE).read_text()))
+
+
+def latest_run(runs_dir: Path) -> RunInfo:
+    runs = [p for p in Path(runs_dir).glob(f"*/{RUN_FILE}") if not p.parent.name.startswith(".")]
+    if not runs:
+        raise MissingFile(runs_dir, "trained run", "train one with `moebench train RECIPE` or pass --model RUN_DIR")
+    return open_run(max(runs, key=lambda p: p.stat().st_mtime).parent)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""

@@ -1,0 +1,154 @@
+"""`moebench train`: build the model, run the recipe's stages (reusing cached ones), save the run.
+
+Each stage's checkpoint is keyed by a hash of the recipe part that produced it (model, data, stages so
+far, seed), so the dense, MoE, STGC and RoE recipes that share stages I and II share those checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moebench import results
+from moebench.config import Recipe, StageConfig, recipe_hash, stage_key, to_dict
+from moebench.data.conversations import ConversationDataset, Encoder, collate, read_conversations
+from moebench.data.sources import DataSource, file_hash, resolve
+from moebench.models.checkpoint import atomic_dir, is_model_dir, load_vlm, save_vlm
+from moebench.runs import RUN_FILE, STAGES_DIR, RunInfo, git_commit
+from moebench.train.loop import run_stage
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(msg)
+
+
+def device_for(recipe: Recipe) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def data_hash(recipe: Recipe, src: DataSource) -> str:
+    """The world's hash, or for a real data root the hash of every stage's data file."""
+    if src.hash:
+        return src.hash
+    return "-".join(file_hash(src.root / s.data) for s in recipe.stages if (src.root / s.data).is_file())
+
+
+def make_tokenizer(recipe: Recipe, src: DataSource):
+    from moebench.eval.tasks import SHORT_ANSWER
+    from moebench.models.tokenizer import load_tokenizer, train_tokenizer
+
+    tcfg = recipe.model.tokenizer
+    name = tcfg.pretrained or recipe.model.llm.pretrained
+    if name:
+        return load_tokenizer(name)
+    texts = [SHORT_ANSWER, "USER: ASSISTANT:"]
+    for s in recipe.stages:
+        for item in read_conversations(src.root / s.data, s.max_samples):
+            texts += [t["value"].replace("<image>", "") for t in item["conversations"]]
+    return train_tokenizer(texts, tcfg.vocab_size)
+
+
+def stage_dirs(recipe: Recipe, runs_dir: Path, dhash: str) -> list[Path]:
+    return [Path(runs_dir) / STAGES_DIR / f"{i}-{s.name}-{stage_key(recipe, i, dhash)}" for i, s in enumerate(recipe.stages)]
+
+
+def _param_groups(model, stage: StageConfig) -> list[tuple[str, list, float]]:
+    parts = {"vision": model.vision_tower, "projector": model.projector, "llm": model.llm}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    groups = []
+    for name in stage.train:
+        params = list(parts[name].parameters())
+        for p in params:
+            p.requires_grad_(True)
+        groups.append((name, params, stage.lr * stage.lr_scale.get(name, 1.0)))
+    return groups
+
+
+def _lm_loss_fn(model, batch):
+    from moebench.models.vlm import lm_loss
+
+    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    loss = lm_loss(out.logits, batch["labels"])
+    return loss, {"lm_loss": loss.detach()}
+
+
+def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = False, progress: bool = True,
+          on_step: Callable[[int], None] | None = None) -> RunInfo:
+    """Train every stage of `recipe` that is not cached yet; return the finished run."""
+    torch.manual_seed(recipe.seed)
+    src = resolve(recipe.data.source, recipe.data.world, progress=progress)
+    dhash = data_hash(recipe, src)
+    dirs = stage_dirs(recipe, runs_dir, dhash)
+    run_name = f"{recipe.name}-{dirs[-1].name.rsplit('-', 1)[1][:8]}"
+    device = device_for(recipe)
+
+    done = max((i for i, d in enumerate(dirs) if is_model_dir(d / "model")), default=-1)
+    if done >= 0:
+        model, tokenizer, _ = load_vlm(dirs[done] / "model", expect=recipe.model)
+        _say(progress, f"reusing stages {[s.name for s in recipe.stages[: done + 1]]} from {dirs[done].parent}")
+    else:
+        from moebench.models.build import build_vlm
+
+        tokenizer = make_tokenizer(recipe, src)
+        model = build_vlm(recipe.model, tokenizer)
+    model.to(device)
+
+    def log(rows: list[dict]) -> None:
+        if rows:
+            stamp = results.utc_now()
+            results.append_rows(results_dir, "train", run_name, [{**r, "run": run_name, "timestamp": stamp} for r in rows])
+
+    t0 = time.perf_counter()
+    for i in range(done + 1, len(recipe.stages)):
+        stage = recipe.stages[i]
+        torch.manual_seed(recipe.seed * 1000 + i)
+        encoder = Encoder(tokenizer, model.num_image_tokens, model.image_token_id, system=recipe.model.system,
+                          max_len=stage.max_len)
+        items = read_conversations(src.root / stage.data, stage.max_samples)
+        dataset = ConversationDataset(items, src.root / stage.images, encoder, stage.template, recipe.model.vision)
+        if stage.kind == "clip":
+            from moebench.train.clip import ClipPretrainer, clip_loss_fn
+
+            module = ClipPretrainer(model.vision_tower, len(tokenizer), tokenizer.pad_token_id,
+                                    tokenizer.eos_token_id).to(device)
+            for p in module.parameters():
+                p.requires_grad_(True)
+            groups, loss_fn = [("vision", list(module.parameters()), stage.lr)], clip_loss_fn
+        else:
+            module, groups, loss_fn = model, _param_groups(model, stage), _lm_loss_fn
+        _say(progress, f"[bold]stage {i} {stage.name}[/]: {len(dataset)} samples, training {stage.train}")
+        res = run_stage(module, groups, loss_fn, dataset, lambda b: collate(b, tokenizer.pad_token_id), stage,
+                        seed=recipe.seed, work_dir=dirs[i], resume=resume, device=device,
+                        precision=recipe.precision, log=log, on_step=on_step, progress=progress)
+        save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss})
+        (dirs[i] / "stage.json").write_text(json.dumps({"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
+        shutil.rmtree(dirs[i] / "partial", ignore_errors=True)
+
+    run_dir = Path(runs_dir) / run_name
+    meta = {
+        "name": run_name, "recipe": to_dict(recipe), "recipe_hash": recipe_hash(recipe),
+        "stages": [d.name for d in dirs], "data": src.name, "data_hash": dhash, "git_commit": git_commit(),
+        "train_seconds": time.perf_counter() - t0,
+        "final_loss": json.loads((dirs[-1] / "stage.json").read_text())["final_loss"],
+    }
+    with atomic_dir(run_dir) as tmp:
+        shutil.copytree(dirs[-1] / "model", tmp / "model", copy_function=_link_or_copy)
+        (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1))
+    return RunInfo(run_dir, meta)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,167 @@
+"""Results files: schema, atomic writes, concurrent writers, reading back, latest rows."""
+
+import multiprocessing
+import os
+
+import pyarrow as pa
+import pytest
+
+from moebench import results as R
+from moebench.errors import MissingFile, UserError
+
+
+def metric_row(**kw):
+    row = dict(run="r1", task="pope", split="random", metric="f1", value=0.5, timestamp=R.utc_now())
+    row.update(kw)
+    return row
+
+
+def test_schemas_have_expected_columns():
+    assert R.METRICS_SCHEMA.field("value").type == pa.float64()
+    assert R.METRICS_SCHEMA.field("params_activated").type == pa.int64()
+    assert R.SAMPLES_SCHEMA.field("question_id").type == pa.string()
+    assert R.TRAIN_SCHEMA.field("step").type == pa.int64()
+    assert set(R.SCHEMAS) == {"metrics", "samples", "train"}
+
+
+def test_round_trip(tmp_path):
+    rows = [
+        metric_row(n=10, baseline=0.0, params_detail={"llm": 3, "vision": 2}, ttft_ms=1.5, seed=0),
+        metric_row(metric="accuracy", value=0.7, n=10),
+    ]
+    path = R.append_rows(tmp_path, "metrics", "r1", rows)
+    assert path.parent == tmp_path / "r1" and path.name.startswith("metrics-") and path.suffix == ".arrow"
+    table = R.read_table([tmp_path], "metrics")
+    assert table.schema.equals(R.METRICS_SCHEMA)
+    back = table.to_pylist()
+    assert [r["metric"] for r in back] == ["f1", "accuracy"]
+    assert back[0]["params_detail"] == '{"llm": 3, "vision": 2}'  # dicts stored as JSON
+    assert back[1]["ttft_ms"] is None and back[1]["variant"] is None  # missing keys -> null
+    assert back[0]["n"] == 10 and back[0]["value"] == 0.5
+    # a single file path works as well as a folder
+    assert R.read_table(path, "metrics").num_rows == 2
+    # samples and train tables
+    R.append_rows(tmp_path, "samples", "r1", [dict(run="r1", task="pope", split="random", question_id="7", score=1.0)])
+    R.append_rows(tmp_path, "train", "r1", [dict(run="r1", stage="pretrain", step=1, loss=2.5, extra={"load": [0.5, 0.5]})])
+    assert R.read_table(tmp_path, "samples").column("question_id").to_pylist() == ["7"]
+    assert R.read_rows(tmp_path, "train")[0]["loss"] == 2.5
+    assert R.read_table(tmp_path, "metrics").num_rows == 2  # other kinds are not globbed in
+
+
+def test_empty_read(tmp_path):
+    table = R.read_table([tmp_path], "samples")
+    assert table.num_rows == 0 and table.schema.equals(R.SAMPLES_SCHEMA)
+
+
+def test_unknown_and_bad_columns(tmp_path):
+    with pytest.raises(ValueError, match="'accuracy_pct'"):
+        R.append_rows(tmp_path, "metrics", "r1", [metric_row(accuracy_pct=50.0)])
+    with pytest.raises(ValueError, match="'value'"):
+        R.append_rows(tmp_path, "metrics", "r1", [metric_row(value=None)])  # required column
+    with pytest.raises(ValueError, match="'n'"):
+        R.append_rows(tmp_path, "metrics", "r1", [metric_row(n="ten")])  # wrong type
+    with pytest.raises(UserError, match="run name"):
+        R.append_rows(tmp_path, "metrics", "../x", [metric_row()])
+    assert list(tmp_path.rglob("*.arrow")) == [] and list(tmp_path.rglob("*.tmp")) == []
+
+
+def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path, monkeypatch):
+    path = tmp_path / "metrics-fixed.arrow"
+    R.write_table([metric_row(value=1.0)], R.METRICS_SCHEMA, path)
+    before = path.read_bytes()
+
+    def boom(fd):  # the temp file is fully written when fsync is reached; fail right there
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(R.os, "fsync", boom)
+    with pytest.raises(OSError, match="disk on fire"):
+        R.write_table([metric_row(value=2.0)] * 100, R.METRICS_SCHEMA, path)
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics-fixed.arrow"]  # no temp left
+    assert R.read_rows(tmp_path, "metrics")[0]["value"] == 1.0
+
+
+def test_write_leaves_no_temp_files(tmp_path):
+    for _ in range(3):
+        R.append_rows(tmp_path, "metrics", "r1", [metric_row()])
+    names = [p.name for p in (tmp_path / "r1").iterdir()]
+    assert len(names) == 3 and all(n.startswith("metrics-") and n.endswith(".arrow") for n in names)
+
+
+def test_unreadable_file_is_named(tmp_path):
+    R.append_rows(tmp_path, "metrics", "r1", [metric_row()])
+    bad = tmp_path / "r1" / "metrics-broken.arrow"
+    bad.write_bytes(b"not arrow at all")
+    with pytest.raises(UserError, match="metrics-broken.arrow"):
+        R.read_table([tmp_path], "metrics")
+    with pytest.raises(MissingFile):
+        R.read_table([tmp_path / "nope"], "metrics")
+
+
+def test_foreign_kind_file_is_refused(tmp_path):
+    p = R.write_table([dict(run="r", stage="s", step=1)], R.TRAIN_SCHEMA, tmp_path / "x.arrow")
+    with pytest.raises(UserError, match="'train' table"):
+        R.read_table([p], "metrics")
+
+
+def test_older_files_with_fewer_columns_are_promoted(tmp_path):
+    old_schema = pa.schema([f for f in R.METRICS_SCHEMA if f.name not in ("tpot_ms", "variant")])
+    R.write_table([dict(run="old", task="t", split="s", metric="m", value=1.0, timestamp=R.utc_now())],
+                  old_schema, tmp_path / "metrics-old.arrow")
+    R.append_rows(tmp_path, "metrics", "new", [metric_row(run="new", tpot_ms=3.0)])
+    table = R.read_table(tmp_path, "metrics")
+    assert table.column_names == R.METRICS_SCHEMA.names
+    rows = {r["run"]: r for r in table.to_pylist()}
+    assert rows["old"]["tpot_ms"] is None and rows["new"]["tpot_ms"] == 3.0
+
+
+def _writer(results_dir, worker, files, barrier):
+    barrier.wait()
+    for f in range(files):
+        rows = [metric_row(run=f"run{worker}", metric=f"m{f}-{i}", value=float(i)) for i in range(50)]
+        R.append_rows(results_dir, "metrics", f"run{worker % 2}", rows)
+
+
+def test_parallel_writers(tmp_path):
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    ctx = multiprocessing.get_context("fork")
+    workers, files = 4, 5  # runs run0 / run1 shared by two writers each
+    barrier = ctx.Barrier(workers)
+    procs = [ctx.Process(target=_writer, args=(tmp_path, w, files, barrier)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(list(tmp_path.rglob("*.arrow"))) == workers * files
+    table = R.read_table([tmp_path], "metrics")
+    assert table.num_rows == workers * files * 50
+    keys = set(zip(table.column("run").to_pylist(), table.column("metric").to_pylist()))
+    assert len(keys) == workers * files * 50
+
+
+def test_latest_rows():
+    rows = [
+        metric_row(metric="f1", value=0.1, timestamp="2025-01-01T00:00:00+00:00"),
+        metric_row(metric="f1", value=0.3, timestamp="2025-01-03T00:00:00Z"),
+        metric_row(metric="f1", value=0.2, timestamp="2025-01-02T00:00:00+00:00"),
+        metric_row(metric="accuracy", value=0.9, timestamp="2025-01-01T00:00:00+00:00"),
+        metric_row(metric="f1", split="popular", value=0.5, timestamp="2025-01-01T00:00:00+00:00"),
+        # 2025-01-03T01:00+02:00 is 2025-01-02T23:00Z: older than the 0.3 row despite sorting later as text
+        metric_row(metric="f1", value=0.4, timestamp="2025-01-03T01:00:00+02:00"),
+    ]
+    table = R.rows_to_table(rows, R.METRICS_SCHEMA)
+    kept = R.latest_rows(table).to_pylist()
+    assert [(r["split"], r["metric"], r["value"]) for r in kept] == [
+        ("random", "f1", 0.3),
+        ("random", "accuracy", 0.9),
+        ("popular", "f1", 0.5),
+    ]
+    # a tie keeps the later row
+    tie = R.rows_to_table([metric_row(value=1.0, timestamp="2025-01-01T00:00:00Z"),
+                           metric_row(value=2.0, timestamp="2025-01-01T00:00:00Z")], R.METRICS_SCHEMA)
+    assert R.latest_rows(tie).column("value").to_pylist() == [2.0]
+    assert R.latest_rows(R.METRICS_SCHEMA.empty_table()).num_rows == 0
