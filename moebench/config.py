@@ -183,7 +183,7 @@ def _coerce(value: Any, tp, key: str, what: str = "recipe"):
         if not isinstance(value, list):
             raise UserError(f"{key}={value!r} must be a list")
         (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{key}.{i}", what) for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}.{_item_name(v, i)}", what) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{key}={value!r} must be a mapping")
@@ -192,6 +192,11 @@ def _coerce(value: Any, tp, key: str, what: str = "recipe"):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key, what)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}={value!r} must be a float")
         return float(value)
@@ -208,6 +213,11 @@ def _coerce(value: Any, tp, key: str, what: str = "recipe"):
             raise UserError(f"{key}={value!r} must be a string")
         return value
     raise TypeError(f"unsupported annotation {_type_name(tp)} for {key}")
+
+
+def _item_name(item: Any, index: int) -> str:
+    """List items are named in messages by their `name` when they have one (stages.finetune.lr)."""
+    return str(item["name"]) if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"] else str(index)
 
 
 def from_dict(cls, data: Any, prefix: str = "", what: str = "recipe"):

@@ -50,16 +50,17 @@ def report_table(rows: list[dict]):
     from rich.table import Table
 
     t = Table(title="moebench results", show_lines=False)
-    for c in ("task", "split", "metric", "run", "variant", "value", "majority baseline", "params act/total",
-              "TTFT ms", "TPOT ms", "samples/s", "n", "device"):
-        t.add_column(c, justify="right" if c not in ("task", "split", "metric", "run", "variant", "device") else "left")
+    left = ("task", "split", "metric", "run")
+    for c in ("task", "split", "metric", "run", "value", "majority", "params act/total", "TTFT ms", "TPOT ms",
+              "samples/s", "n"):
+        t.add_column(c, justify="left" if c in left else "right", overflow="fold")
     for r in rows:
-        t.add_row(r["task"], r["split"], r["metric"], r["run"], r.get("variant") or "-", _fmt(r["value"]),
-                  _fmt(r.get("baseline")), f"{_params(r.get('params_activated'))}/{_params(r.get('params_total'))}",
-                  _fmt(r.get("ttft_ms"), 1), _fmt(r.get("tpot_ms"), 2), _fmt(r.get("samples_per_s"), 1),
-                  _fmt(r.get("n")), r.get("device") or "-")
-    if not rows:
-        t.caption = "no results yet: run `moebench train` or `moebench eval`"
+        t.add_row(r["task"], r["split"], r["metric"], r["run"], _fmt(r["value"]), _fmt(r.get("baseline")),
+                  f"{_params(r.get('params_activated'))}/{_params(r.get('params_total'))}",
+                  _fmt(r.get("ttft_ms"), 1), _fmt(r.get("tpot_ms"), 2), _fmt(r.get("samples_per_s"), 1), _fmt(r.get("n")))
+    devices = sorted({f"{r.get('device')} {r.get('dtype')} batch {r.get('batch_size')}" for r in rows})
+    t.caption = ("; ".join(devices) + ". majority = the metric of always giving the most frequent answer") if rows \
+        else "no results yet: run `moebench train` or `moebench eval`"
     return t
 
 

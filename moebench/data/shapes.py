@@ -22,6 +22,7 @@ import random
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,23 +100,23 @@ class Scene:
         return self.file_name.rsplit(".", 1)[0]
 
 
-def _ring(n: int, r: float, phase: float = 0.0, y0: float = 0.0, arc: float = 2 * math.pi):
-    return [(r * math.cos(phase + arc * k / n), y0 + r * math.sin(phase + arc * k / n)) for k in range(n)]
+def _arc(n: int, start: float = 0.0, stop: float = 2 * math.pi, radii=(1.0,)) -> list[tuple[float, float]]:
+    """n points from angle `start` towards `stop`; radii are cycled (a star alternates two)."""
+    angles = [start + (stop - start) * k / n for k in range(n)]
+    return [(radii[k % len(radii)] * math.cos(a), radii[k % len(radii)] * math.sin(a)) for k, a in enumerate(angles)]
 
 
 def _unit_shapes() -> dict[str, list[tuple[float, float]]]:
     """Each shape's vertices in its box [-1, 1]^2, y pointing down."""
     w = 0.32  # half width of the cross's arms
-    star = _ring(10, 1.0, -math.pi / 2)
-    star = [(x * (1 if k % 2 == 0 else 0.42), y * (1 if k % 2 == 0 else 0.42)) for k, (x, y) in enumerate(star)]
     return {
-        "circle": _ring(32, 1.0),
+        "circle": _arc(32),
         "square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
         "triangle": [(0.0, -1.0), (1.0, 0.85), (-1.0, 0.85)],
         "diamond": [(0.0, -1.0), (1.0, 0.0), (0.0, 1.0), (-1.0, 0.0)],
-        "star": star,
+        "star": _arc(10, -math.pi / 2, 3 * math.pi / 2, radii=(1.0, 0.42)),
         "cross": [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)],
-        "semicircle": _ring(16, 1.0, 0.0, 0.5, -math.pi) + [(-1.0, 0.5)],  # dome up, flat side down
+        "semicircle": [(x, y + 0.5) for x, y in _arc(16, 0.0, -math.pi)] + [(-1.0, 0.5)],  # dome up, flat side down
         "bar": [(-1.0, -0.3), (1.0, -0.3), (1.0, 0.3), (-1.0, 0.3)],
     }
 
@@ -180,25 +181,28 @@ def _matches(root: Path, spec: WorldSpec) -> bool:
 
 
 def _install(tmp: Path, root: Path, spec: WorldSpec) -> None:
+    """Rename `tmp` to `root`. A matching world already there wins (another generator finished first);
+    a stale world (other spec) is moved aside and deleted; anything else there is left alone."""
     for _ in range(5):
         try:
-            os.replace(tmp, root)  # atomic; fails if root is a non-empty folder
+            os.replace(tmp, root)  # atomic; fails while root is a non-empty folder
             return
-        except OSError:
-            if _matches(root, spec):  # another generator finished first: keep its world
-                return
-        if not _is_world(root):
+        except OSError as e:
+            error = e
+        if _matches(root, spec):
+            return
+        if root.exists() and not _is_world(root):
             raise UserError(f"{root} exists and is not a shapes world: remove it or choose another root")
         stale = root.with_name(f".{root.name}.stale-{uuid.uuid4().hex}")
         with contextlib.suppress(FileNotFoundError):
             os.replace(root, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-    raise UserError(f"could not install the shapes world at {root}: it keeps changing under us")
+        shutil.rmtree(stale, ignore_errors=True)
+    raise UserError(f"could not install the shapes world at {root}: {error}")
 
 
 def _hash_tree(root: Path) -> str:
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p != root / "manifest.json"):
         h.update(path.relative_to(root).as_posix().encode() + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
@@ -207,33 +211,38 @@ def _hash_tree(root: Path) -> str:
 # ---------------------------------------------------------------- scenes
 
 
-def _sample_scene(rng: random.Random, spec: WorldSpec) -> list[Obj]:
+def _place(rng: np.random.Generator, placed: list[Obj], side: float, size: int, tries: int = 64):
+    """A centre (cx, cy) for a new object of this side, clear of the placed ones, or None."""
+    lo, hi = side / 2 + 1, size - side / 2 - 1
+    c = np.round(rng.uniform(lo, hi, size=(tries, 2)), 2)  # (tries, 2) candidate centres
+    p = np.array([(o.cx, o.cy, o.side) for o in placed]).reshape(-1, 3)  # (placed, 3)
+    dx, dy = np.abs(c[:, :1] - p[:, 0]), np.abs(c[:, 1:] - p[:, 1])  # (tries, placed)
+    gap = (side + p[:, 2]) / 2 + MARGIN
+    hits = np.flatnonzero(((dx >= MIN_DX) & ((dx >= gap) | (dy >= gap))).all(axis=1))
+    return (float(c[hits[0], 0]), float(c[hits[0], 1])) if hits.size else None
+
+
+def _sample_scene(rng: np.random.Generator, spec: WorldSpec) -> list[Obj]:
     """2..5 non-overlapping objects with distinct x centres; the image is redrawn if placement fails."""
-    size = spec.image_size
-    n = rng.randint(spec.min_objects, spec.max_objects)
+    size, colors, sizes = spec.image_size, list(COLORS), list(SIZES)
+    n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     for _ in range(1000):
-        drawn = [(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES))) for _ in range(n)]
+        drawn = [(SHAPES[i], colors[j], sizes[k]) for i, j, k in zip(
+            rng.integers(len(SHAPES), size=n), rng.integers(len(colors), size=n), rng.integers(len(sizes), size=n))]
         placed: dict[int, Obj] = {}
         for k in sorted(range(n), key=lambda k: -SIZES[drawn[k][2]]):  # large ones first: they pack better
-            shape, color, sz = drawn[k]
-            side = SIZES[sz] * size
-            lo, hi = side / 2 + 1, size - side / 2 - 1
-            for _ in range(20):
-                cx, cy = round(rng.uniform(lo, hi), 2), round(rng.uniform(lo, hi), 2)
-                if all(abs(cx - o.cx) >= MIN_DX and (abs(cx - o.cx) >= (side + o.side) / 2 + MARGIN
-                                                     or abs(cy - o.cy) >= (side + o.side) / 2 + MARGIN)
-                       for o in placed.values()):
-                    placed[k] = Obj(shape, color, sz, cx, cy, side)
-                    break
-            else:
+            side = SIZES[drawn[k][2]] * size
+            centre = _place(rng, list(placed.values()), side, size)
+            if centre is None:
                 break
+            placed[k] = Obj(*drawn[k], *centre, side)
         if len(placed) == n:
             return [placed[k] for k in range(n)]  # annotation order = draw order
     raise UserError(f"could not place {n} objects in a {size}px image: raise shapes.image_size or lower max_objects")
 
 
 def _sample_split(split: str, spec: WorldSpec, first_id: int, first_ann: int) -> list[Scene]:
-    rng = random.Random(f"shapes-{spec.seed}-{split}-scenes")
+    rng = np.random.default_rng([spec.seed, list(FOLDERS).index(split)])  # train and val: independent draws
     count = spec.n_train if split == "train" else spec.n_val
     scenes, ann = [], first_ann
     for i in range(count):
@@ -243,11 +252,14 @@ def _sample_split(split: str, spec: WorldSpec, first_id: int, first_ann: int) ->
     return scenes
 
 
-def _rasterize(polygon: list[float], size: int) -> np.ndarray:
-    """(size, size) bool mask, exactly as pycocotools' COCO.annToMask draws the polygon."""
+def _rasterize(polygons: list[list[float]], size: int) -> np.ndarray:
+    """(objects, size, size) bool masks, one per polygon, exactly as pycocotools' COCO.annToMask draws them."""
     from pycocotools import mask as mask_utils
 
-    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([polygon], size, size))).astype(bool)
+    with warnings.catch_warnings():  # pycocotools' RLE objects predate numpy 2's __array__(copy=...)
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        masks = mask_utils.decode(mask_utils.frPyObjects(polygons, size, size))  # (size, size, objects)
+    return np.moveaxis(masks, -1, 0).astype(bool)
 
 
 def _write_split(split: str, scenes: list[Scene], spec: WorldSpec, out: Path, advance) -> tuple[dict, dict]:
@@ -260,16 +272,15 @@ def _write_split(split: str, scenes: list[Scene], spec: WorldSpec, out: Path, ad
         pixels = np.empty((size, size, 3), np.uint8)
         pixels[:] = BACKGROUND
         labels = np.zeros((size, size), np.uint8)
-        areas = []
-        for obj, ann_id in zip(scene.objects, scene.ann_ids):
-            poly, cat = obj.polygon, SHAPES.index(obj.shape) + 1
-            mask = _rasterize(poly, size)
+        polygons = [obj.polygon for obj in scene.objects]
+        masks = _rasterize(polygons, size)
+        areas = [int(m.sum()) for m in masks]
+        for obj, ann_id, poly, mask, area in zip(scene.objects, scene.ann_ids, polygons, masks, areas):
+            cat, xs, ys = SHAPES.index(obj.shape) + 1, poly[0::2], poly[1::2]
             pixels[mask], labels[mask] = COLORS[obj.color], cat
-            xs, ys = poly[0::2], poly[1::2]
-            areas.append(int(mask.sum()))
             anns.append({"id": ann_id, "image_id": scene.image_id, "category_id": cat,
                          "bbox": [min(xs), min(ys), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
-                         "area": areas[-1], "iscrowd": 0, "segmentation": [poly],
+                         "area": area, "iscrowd": 0, "segmentation": [poly],
                          "color": obj.color, "size": obj.size})
         Image.fromarray(pixels).save(out / "coco" / folder / scene.file_name)
         Image.fromarray(labels).save(out / "seg" / folder / scene.file_name)

@@ -1,0 +1,117 @@
+"""Model assembly from configs and from local pretrained checkpoints; generation against a naive reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moebench.config import LLMConfig, ModelConfig, TokenizerConfig, VisionConfig
+from moebench.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from moebench.models.tokenizer import train_tokenizer
+
+    texts = ["Is there a red circle in the image?", "USER: ASSISTANT: yes no left right", "a small blue star."] * 20
+    return train_tokenizer(texts, 300)
+
+
+def _tiny_cfg(**kw) -> ModelConfig:
+    return ModelConfig(
+        vision=VisionConfig(image_size=16, patch_size=8, hidden_size=32, layers=2, heads=2, intermediate_size=64),
+        llm=LLMConfig(hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=64, max_positions=128),
+        tokenizer=TokenizerConfig(vocab_size=300), **kw)
+
+
+def test_builder_loads_local_pretrained_parts(tmp_path, tokenizer):
+    """A tiny CLIP tower and Qwen2 LM saved with save_pretrained are loaded weight-for-weight."""
+    from moebench.models.build import build_vlm
+
+    torch.manual_seed(0)
+    ref = build_vlm(_tiny_cfg(), tokenizer)
+    ref.vision_tower.save_pretrained(tmp_path / "vision")
+    ref.llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    cfg = _tiny_cfg()
+    cfg.vision.pretrained = str(tmp_path / "vision")
+    cfg.llm.pretrained = str(tmp_path / "llm")
+    torch.manual_seed(1)  # a different seed: only the loaded weights can make them equal
+    got = build_vlm(cfg, tokenizer)
+    for part in ("vision_tower", "llm"):
+        a, b = getattr(ref, part).state_dict(), getattr(got, part).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_pretrained_dir_is_a_user_error(tmp_path, tokenizer):
+    from moebench.models.build import build_vlm
+
+    cfg = _tiny_cfg()
+    cfg.llm.pretrained = str(tmp_path / "absent")
+    with pytest.raises(UserError, match="model.llm.pretrained"):
+        build_vlm(cfg, tokenizer)
+
+
+def test_save_load_roundtrip_and_mismatch(tmp_path, tokenizer):
+    from moebench.models.build import build_vlm
+    from moebench.models.checkpoint import load_vlm, save_vlm
+
+    cfg = _tiny_cfg()
+    model = build_vlm(cfg, tokenizer)
+    save_vlm(model, cfg, tokenizer, tmp_path / "m")
+    loaded, tok, _ = load_vlm(tmp_path / "m", expect=cfg)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = _tiny_cfg()
+    other.llm.layers = 3
+    with pytest.raises(UserError, match="does not match the recipe: model.llm.layers"):
+        load_vlm(tmp_path / "m", expect=other)
+
+
+def _naive_greedy(model, ids: list[int], pixels, steps: int, eos: int) -> list[int]:
+    """Reference decoding: no cache, no padding, the whole sequence recomputed every step."""
+    out = []
+    seq = torch.tensor([ids])
+    for _ in range(steps):
+        logits = model(seq, torch.ones_like(seq), pixels).logits
+        nxt = int(logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        out.append(nxt)
+        seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def test_batched_cached_greedy_matches_naive_reference(tokenizer):
+    from moebench.data.conversations import Encoder
+    from moebench.eval.generate import greedy_generate
+    from moebench.models.build import build_vlm
+
+    torch.manual_seed(0)
+    model = build_vlm(_tiny_cfg(), tokenizer).eval()
+    enc = Encoder(tokenizer, model.num_image_tokens, model.image_token_id)
+    questions = ["Is there a red circle?", "What color is the star in the image?", "left?"]
+    prompts = [enc.prompt(q) for q in questions]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: left padding matters
+    pixels = torch.randn(3, 3, 16, 16)
+    eos = tokenizer.eos_token_id
+    gen = greedy_generate(model, prompts, pixels, max_new_tokens=6, eos_id=eos, pad_id=tokenizer.pad_token_id)
+    for i, p in enumerate(prompts):
+        assert gen.tokens[i] == _naive_greedy(model, p, pixels[i: i + 1], 6, eos)
+
+
+def test_image_tokens_receive_projected_features(tokenizer):
+    from moebench.data.conversations import Encoder
+    from moebench.models.build import build_vlm
+
+    model = build_vlm(_tiny_cfg(), tokenizer).eval()
+    enc = Encoder(tokenizer, model.num_image_tokens, model.image_token_id)
+    ids = torch.tensor([enc.prompt("Is there a star?")])
+    pixels = torch.randn(1, 3, 16, 16)
+    emb = model.embed(ids, pixels)
+    mask = ids[0] == model.image_token_id
+    assert int(mask.sum()) == model.num_image_tokens == 4
+    assert torch.allclose(emb[0, mask], model.image_features(pixels)[0])
+    with pytest.raises(UserError, match="image placeholder"):
+        model.embed(torch.cat([ids, ids[:, -3:]], 1), torch.randn(2, 3, 16, 16))

@@ -1,0 +1,262 @@
+"""The embedded shapes world: determinism, real file formats, agreement between files, atomic creation."""
+
+import json
+import re
+import shutil
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moebench.data import shapes
+from moebench.errors import MissingFile, UserError
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools x numpy 2
+SMALL = shapes.WorldSpec(n_train=40, n_val=60, pope_images=20)
+ONE_WORD = re.compile(r"[a-z0-9]+")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return shapes.ensure_world(SMALL, root=tmp_path_factory.mktemp("cache") / "world", progress=False)
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def coco(world, split):
+    from pycocotools.coco import COCO
+
+    return COCO(str(world / "annotations" / f"instances_{split}2014.json"))
+
+
+def test_default_cache_dir_honours_moebench_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEBENCH_CACHE", str(tmp_path))
+    assert shapes.default_cache_dir() == tmp_path / "shapes" / "v1-seed0-48px-6000-1000"
+    spec = shapes.WorldSpec(seed=3, n_train=2, n_val=8, pope_images=1)
+    assert shapes.default_cache_dir(spec) == tmp_path / "shapes" / "v1-seed3-48px-2-8"
+    assert shapes.ensure_world(spec, progress=False) == shapes.default_cache_dir(spec)
+    assert (shapes.default_cache_dir(spec) / "manifest.json").is_file()
+
+
+def test_manifest(world):
+    manifest = load(world / "manifest.json")
+    assert manifest["world"] == "shapes" and manifest["version"] == shapes.WORLD_VERSION
+    assert manifest["spec"]["n_val"] == 60 and manifest["counts"]["val_images"] == 60
+    assert shapes.world_hash(world) == manifest["hash"] and len(manifest["hash"]) == 64
+    with pytest.raises(MissingFile):
+        shapes.world_hash(world / "nowhere")
+
+
+def test_deterministic_from_seed(world, tmp_path):
+    again = shapes.ensure_world(SMALL, root=tmp_path / "again", progress=False)
+    assert shapes.world_hash(again) == shapes.world_hash(world)
+    for rel in ("coco/val2014/shapes_val_000007.png", "annotations/instances_train2014.json", "manifest.json"):
+        assert (again / rel).read_bytes() == (world / rel).read_bytes()
+    other = shapes.ensure_world(shapes.WorldSpec(seed=1, n_train=40, n_val=60, pope_images=20),
+                                root=tmp_path / "other", progress=False)
+    assert shapes.world_hash(other) != shapes.world_hash(world)
+
+
+def test_coco_masks_agree_with_label_maps_and_pixels(world):
+    for split in ("train", "val"):
+        api = coco(world, split)
+        assert [c["name"] for c in api.loadCats(api.getCatIds())] == list(shapes.SHAPES)
+        for image_id in sorted(api.getImgIds())[:8]:
+            info = api.imgs[image_id]
+            pixels = np.asarray(Image.open(world / "coco" / f"{split}2014" / info["file_name"]))
+            labels = np.asarray(Image.open(world / "seg" / f"{split}2014" / info["file_name"]))
+            assert pixels.shape == (48, 48, 3) and labels.dtype == np.uint8
+            expected = np.zeros((48, 48), np.uint8)
+            anns = api.loadAnns(api.getAnnIds(imgIds=image_id))
+            assert 2 <= len(anns) <= 5
+            for ann in anns:
+                mask = api.annToMask(ann).astype(bool)
+                assert mask.sum() == ann["area"] > 0 and not expected[mask].any()  # no overlaps
+                expected[mask] = ann["category_id"]
+                assert (pixels[mask] == shapes.COLORS[ann["color"]]).all()
+                assert ann["size"] in shapes.SIZES and ann["iscrowd"] == 0
+            assert (labels == expected).all()
+            assert (pixels[expected == 0] == shapes.BACKGROUND).all()
+            centres = sorted(a["bbox"][0] + a["bbox"][2] / 2 for a in anns)
+            assert all(b - a >= 3 - 0.02 for a, b in zip(centres, centres[1:]))  # left / right unambiguous
+
+
+def test_train_and_val_are_disjoint(world):
+    train, val = load(world / "annotations/instances_train2014.json"), load(world / "annotations/instances_val2014.json")
+    assert not {i["file_name"] for i in train["images"]} & {i["file_name"] for i in val["images"]}
+    assert not {i["id"] for i in train["images"]} & {i["id"] for i in val["images"]}
+    assert not {a["id"] for a in train["annotations"]} & {a["id"] for a in val["annotations"]}
+    first = (world / "coco/train2014/shapes_train_000000.png").read_bytes()
+    assert first != (world / "coco/val2014/shapes_val_000000.png").read_bytes()  # independent draws
+
+
+def test_classification_labels_name_the_largest_object(world):
+    api = coco(world, "val")
+    labels = load(world / "cls" / "val2014.json")
+    assert len(labels) == 60
+    for image_id, info in api.imgs.items():
+        largest = max(api.loadAnns(api.getAnnIds(imgIds=image_id)), key=lambda a: a["area"])
+        assert labels[info["file_name"]] == shapes.SHAPES[largest["category_id"] - 1]
+
+
+def test_llava_captions(world):
+    api = coco(world, "train")
+    by_name = {info["file_name"]: image_id for image_id, info in api.imgs.items()}
+    data = load(world / "llava" / "shapes_caption_train2014.json")
+    assert len(data) == 40
+    for item in data:
+        assert set(item) == {"id", "image", "conversations"}
+        human, gpt = item["conversations"]
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        assert human["value"].startswith("<image>\n") and human["value"][8:] in shapes.CAPTION_PROMPTS
+        anns = sorted(api.loadAnns(api.getAnnIds(imgIds=by_name[item["image"]])),
+                      key=lambda a: a["bbox"][0] + a["bbox"][2] / 2)
+        parts = [f"a {a['size']} {a['color']} {shapes.SHAPES[a['category_id'] - 1]}" for a in anns]  # left to right
+        assert gpt["value"] == ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+    assert shapes.caption([shapes.Obj("bar", "green", "small", 30, 5, 10), shapes.Obj("star", "orange", "large", 9, 5, 17)]) \
+        == "a large orange star and a small green bar."
+
+
+def test_llava_instruct(world):
+    data = load(world / "llava" / "shapes_instruct_train2014.json")
+    assert len(data) == 40
+    for item in data:
+        turns = item["conversations"]
+        assert len(turns) == 2 * shapes.TURNS
+        assert [t["from"] for t in turns] == ["human", "gpt"] * shapes.TURNS
+        assert turns[0]["value"].startswith("<image>\n")
+        assert sum("<image>" in t["value"] for t in turns) == 1
+        for q, a in zip(turns[0::2], turns[1::2]):
+            assert q["value"].endswith(shapes.SUFFIX)
+            assert ONE_WORD.fullmatch(a["value"]), a
+
+
+def test_gqa_questions(world):
+    questions = load(world / "gqa" / "testdev_balanced_questions.json")
+    stems = {f"shapes_val_{i:06d}" for i in range(60)}
+    assert 100 <= len(questions) <= 120
+    kinds = Counter(q["types"]["detailed"] for q in questions.values())
+    assert set(kinds) == set(shapes.KINDS) and max(kinds.values()) - min(kinds.values()) <= 2
+    for q in questions.values():
+        assert q["imageId"] in stems and (world / "gqa" / "images" / f"{q['imageId']}.png").is_file()
+        assert ONE_WORD.fullmatch(q["answer"]) and q["isBalanced"] is True
+        assert q["types"]["structural"] in {"verify", "query", "choose", "logical", "compare"}
+        assert not q["question"].endswith(shapes.SUFFIX) and q["fullAnswer"].endswith(".")
+    existence = Counter(q["answer"] for q in questions.values() if q["types"]["detailed"] == "existence")
+    assert set(existence) == {"yes", "no"} and abs(existence["yes"] - existence["no"]) <= 1
+    relation = {q["answer"] for q in questions.values() if q["types"]["detailed"] == "relation"}
+    assert relation <= {"left", "right"}
+    linked = world / "gqa" / "images" / "shapes_val_000000.png"
+    assert linked.read_bytes() == (world / "coco" / "val2014" / "shapes_val_000000.png").read_bytes()
+
+
+def test_gqa_answers_are_true(world):
+    """Every answer checked against the COCO annotations (relation answers against the scene graph)."""
+    api, graphs = coco(world, "val"), load(world / "gqa" / "val_sceneGraphs.json")
+    objs = {info["file_name"][:-4]: [(a["color"], shapes.SHAPES[a["category_id"] - 1], a["bbox"][0] + a["bbox"][2] / 2)
+                                     for a in api.loadAnns(api.getAnnIds(imgIds=i))] for i, info in api.imgs.items()}
+    for q in load(world / "gqa" / "testdev_balanced_questions.json").values():
+        scene, text, answer = objs[q["imageId"]], q["question"], q["answer"]
+        if m := re.fullmatch(r"Is there an? (?:(\w+) )?(\w+) in the image\?", text):
+            color, shape = m.groups()
+            assert answer == ("yes" if any(s == shape and color in (None, c) for c, s, _ in scene) else "no")
+        elif m := re.fullmatch(r"What color is the (\w+)\?", text):
+            assert [c for c, s, _ in scene if s == m.group(1)] == [answer]
+        elif m := re.fullmatch(r"What shape is the (\w+) object\?", text):
+            assert [s for c, s, _ in scene if c == m.group(1)] == [answer]
+        elif m := re.fullmatch(r"How many (?:(\w+) )?objects are there\?", text):
+            assert int(answer) == sum(m.group(1) in (None, c) for c, _, _ in scene)
+        else:
+            m = re.fullmatch(r"Is the (.+) to the left or to the right of the (.+)\?", text)
+            assert m, text
+            (xa,), (xb,) = ([x for c, s, x in scene if name in (s, f"{c} {s}")] for name in m.groups())
+            assert answer == ("left" if xa < xb else "right")
+    graph = graphs["shapes_val_000000"]
+    assert graph["width"] == graph["height"] == 48 and len(graph["objects"]) == len(objs["shapes_val_000000"])
+    for obj in graph["objects"].values():
+        assert obj["name"] in shapes.SHAPES and obj["attributes"][0] in shapes.COLORS
+        assert {r["name"] for r in obj["relations"]} <= {"to the left of", "to the right of"}
+        assert all(r["object"] in graph["objects"] for r in obj["relations"])
+
+
+def test_existing_world_is_reused(world, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("regenerated")
+
+    monkeypatch.setattr(shapes, "_generate", boom)
+    assert shapes.ensure_world(SMALL, root=world, progress=False) == world
+
+
+def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
+    def fail(spec, out, progress):
+        (out / "half-written").write_text("x")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(shapes, "_generate", fail)
+    with pytest.raises(RuntimeError):
+        shapes.ensure_world(SMALL, root=tmp_path / "w", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_generators_and_stale_worlds(tmp_path, world):
+    root, errors = tmp_path / "w", []
+
+    def make():
+        try:
+            shapes.ensure_world(SMALL, root=root, progress=False)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=make) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert shapes.world_hash(root) == shapes.world_hash(world)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no temp folders left behind
+    # a world made from another spec is replaced
+    other = shapes.WorldSpec(seed=5, n_train=4, n_val=8, pope_images=2)
+    shapes.ensure_world(other, root=root, progress=False)
+    assert load(root / "manifest.json")["spec"]["seed"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_losing_the_race_keeps_the_winners_world(tmp_path, world, monkeypatch):
+    root, generate = tmp_path / "w", shapes._generate
+
+    def racing(spec, out, progress):
+        counts = generate(spec, out, progress)
+        shutil.copytree(world, root)  # another process installs the same world while we finish
+        return counts
+
+    monkeypatch.setattr(shapes, "_generate", racing)
+    assert shapes.ensure_world(SMALL, root=root, progress=False) == root
+    assert shapes.world_hash(root) == shapes.world_hash(world)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_world(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a shapes world"):
+        shapes.ensure_world(SMALL, root=tmp_path, progress=False)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_spec_validation_and_pope_shortage(tmp_path):
+    with pytest.raises(UserError, match="max_objects=6"):
+        shapes.WorldSpec(max_objects=6)
+    with pytest.raises(UserError, match="image_size=16"):
+        shapes.WorldSpec(image_size=16)
+    with pytest.raises(UserError, match="val images have >= 3 distinct shapes.*raise shapes.n_val"):
+        shapes.ensure_world(shapes.WorldSpec(n_train=0, n_val=20), root=tmp_path / "w", progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+def test_progress_bar_runs(tmp_path):
+    root = shapes.ensure_world(shapes.WorldSpec(n_train=3, n_val=6, pope_images=1), root=tmp_path / "w", progress=True)
+    assert (root / "manifest.json").is_file()

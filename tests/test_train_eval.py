@@ -1,0 +1,98 @@
+"""The real train -> eval path on a tiny model: reproducibility, resume, batch-size invariance."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+from moebench import results
+
+
+def _metrics(results_dir, run_name):
+    rows = results.latest_rows(results.read_table([results_dir], "metrics")).to_pylist()
+    return {(r["task"], r["split"], r["metric"]): r["value"] for r in rows if r["run"] == run_name}
+
+
+def _predictions(results_dir):
+    rows = results.read_rows([results_dir], "samples")
+    return {(r["task"], r["split"], r["question_id"]): r["prediction"] for r in rows}
+
+
+def test_train_writes_run_stages_and_tables(tiny_run):
+    run, base = tiny_run
+    assert (run.dir / "run.json").is_file() and (run.dir / "model" / "model.safetensors").is_file()
+    stages = sorted(p.name.split("-")[1] for p in (base / "runs" / ".stages").iterdir())
+    assert stages == ["clip", "finetune", "pretrain"]
+    train_rows = results.read_rows([base / "results"], "train")
+    assert {r["stage"] for r in train_rows} == {"clip", "pretrain", "finetune"}
+    assert all(r["loss"] == r["loss"] for r in train_rows)  # no NaN
+
+
+def test_cli_train_then_eval_gives_the_same_metrics(capsys, tmp_path, tiny_recipe):
+    """`moebench train` evaluates at the end; `moebench eval` on the saved run reproduces it."""
+    from conftest import TINY, REPO
+
+    runs, res = tmp_path / "runs", tmp_path / "results"
+    code, out, err = run_cli(["train", REPO / "recipes" / "shapes_dense.yaml", *TINY, "--runs", runs,
+                              "--results", res, "--no-progress"], capsys)
+    assert code == 0, err
+    run_dir = next(p for p in runs.iterdir() if not p.name.startswith("."))
+    first = _metrics(res, run_dir.name)
+    assert {k[0] for k in first} == {"pope", "gqa"}
+    assert ("pope", "mean", "f1") in first and ("gqa", "testdev_balanced", "exact_match") in first
+    res2 = tmp_path / "results2"
+    code, out, err = run_cli(["eval", "--tasks", "pope,gqa", "--data", "shapes", "--model", run_dir, "--limit", "8",
+                              "--batch-size", "8", "--results", res2, "--no-progress"], capsys)
+    assert code == 0, err
+    assert _metrics(res2, run_dir.name) == first
+    # eval without --model takes the most recent run
+    code, _, err = run_cli(["eval", "--tasks", "gqa", "--runs", runs, "--limit", "4", "--results", tmp_path / "r3",
+                            "--no-progress"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["report", res, "--json"], capsys)
+    assert code == 0 and '"baseline"' in out
+
+
+def test_batch_size_does_not_change_predictions(tiny_run, tmp_path):
+    from moebench.eval.runner import evaluate_run
+
+    run, _ = tiny_run
+    preds = {}
+    for bs in (1, 16):
+        out = tmp_path / f"bs{bs}"
+        evaluate_run(run, ["pope", "gqa"], data=None, batch_size=bs, limit=12, results_dir=out, progress=False)
+        preds[bs] = _predictions(out)
+    assert len(preds[1]) == 3 * 12 + 12
+    assert preds[1] == preds[16]
+
+
+def test_same_seed_same_numbers_and_resume_matches(tiny_recipe, tmp_path):
+    """Two fresh runs with one seed agree exactly; a run interrupted mid-stage and resumed ends the same."""
+    from moebench.train.pipeline import train
+
+    a = train(tiny_recipe, runs_dir=tmp_path / "a", results_dir=tmp_path / "ra", progress=False)
+    b = train(tiny_recipe, runs_dir=tmp_path / "b", results_dir=tmp_path / "rb", progress=False)
+    assert a.meta["final_loss"] == b.meta["final_loss"]
+
+    from moebench.eval.runner import evaluate_run
+
+    ma = evaluate_run(a, ["pope", "gqa"], data=None, batch_size=8, limit=8, results_dir=tmp_path / "ea", progress=False)
+    mb = evaluate_run(b, ["pope", "gqa"], data=None, batch_size=8, limit=8, results_dir=tmp_path / "eb", progress=False)
+    assert [(r["task"], r["split"], r["metric"], r["value"]) for r in ma] == \
+           [(r["task"], r["split"], r["metric"], r["value"]) for r in mb]
+
+    calls = {"n": 0}
+
+    def crash(step):
+        calls["n"] += 1
+        if step == 3 and calls["n"] > 4:  # stage finetune (after clip's 2 and pretrain's 2 steps)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_recipe, runs_dir=tmp_path / "c", results_dir=tmp_path / "rc", progress=False, on_step=crash)
+    partial = [p for p in (tmp_path / "c" / ".stages").iterdir() if (p / "partial").is_dir()]
+    assert len(partial) == 1 and partial[0].name.startswith("2-finetune")
+    c = train(tiny_recipe, runs_dir=tmp_path / "c", results_dir=tmp_path / "rc", progress=False, resume=True)
+    assert c.meta["final_loss"] == a.meta["final_loss"]
+    steps = sorted(r["step"] for r in results.read_rows([tmp_path / "rc"], "train") if r["stage"] == "finetune")
+    assert steps[-1] == 6
