@@ -38,6 +38,9 @@ class VisionConfig:
     intermediate_size: int = 512
     feature_layer: int = -2  # LLaVA-1.5 reads the penultimate layer
     select: Literal["patch", "full"] = "patch"  # "patch" drops the class token (LLaVA "default")
+    # apply the tower's final LayerNorm to the chosen layer: keeps image embeddings on the scale of
+    # token embeddings (raw CLIP residual states are ~100x larger); LLaVA itself feeds raw states
+    feature_norm: bool = False
     aspect: Literal["pad", "resize"] = "pad"  # LLaVA-1.5 pads to a square with the mean colour
     image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
@@ -82,7 +85,8 @@ class WorldConfig:
     """The embedded shapes world (used when data.source is 'shapes')."""
 
     seed: int = 0
-    image_size: int = 48
+    image_size: int = 64
+    grid: int = 4
     n_train: int = 6000
     n_val: int = 1000
 

@@ -35,9 +35,9 @@ def coco(world, split):
 
 def test_default_cache_dir_honours_moebench_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MOEBENCH_CACHE", str(tmp_path))
-    assert shapes.default_cache_dir() == tmp_path / "shapes" / "v1-seed0-48px-6000-1000"
+    assert shapes.default_cache_dir() == tmp_path / "shapes" / "v1-seed0-64px-grid4-6000-1000"
     spec = shapes.WorldSpec(seed=3, n_train=2, n_val=8, pope_images=1)
-    assert shapes.default_cache_dir(spec) == tmp_path / "shapes" / "v1-seed3-48px-2-8"
+    assert shapes.default_cache_dir(spec) == tmp_path / "shapes" / "v1-seed3-64px-grid4-2-8"
     assert shapes.ensure_world(spec, progress=False) == shapes.default_cache_dir(spec)
     assert (shapes.default_cache_dir(spec) / "manifest.json").is_file()
 
@@ -69,8 +69,8 @@ def test_coco_masks_agree_with_label_maps_and_pixels(world):
             info = api.imgs[image_id]
             pixels = np.asarray(Image.open(world / "coco" / f"{split}2014" / info["file_name"]))
             labels = np.asarray(Image.open(world / "seg" / f"{split}2014" / info["file_name"]))
-            assert pixels.shape == (48, 48, 3) and labels.dtype == np.uint8
-            expected = np.zeros((48, 48), np.uint8)
+            assert pixels.shape == (64, 64, 3) and labels.dtype == np.uint8
+            expected = np.zeros((64, 64), np.uint8)
             anns = api.loadAnns(api.getAnnIds(imgIds=image_id))
             assert 2 <= len(anns) <= 5
             for ann in anns:
@@ -81,8 +81,11 @@ def test_coco_masks_agree_with_label_maps_and_pixels(world):
                 assert ann["size"] in shapes.SIZES and ann["iscrowd"] == 0
             assert (labels == expected).all()
             assert (pixels[expected == 0] == shapes.BACKGROUND).all()
-            centres = sorted(a["bbox"][0] + a["bbox"][2] / 2 for a in anns)
-            assert all(b - a >= 3 - 0.02 for a, b in zip(centres, centres[1:]))  # left / right unambiguous
+            cell = 64 / SMALL.grid  # every object sits inside its own grid cell (= one 16 px patch)
+            cells = [(int(x // cell), int(y // cell), int((x + w - 1e-6) // cell), int((y + h - 1e-6) // cell))
+                     for x, y, w, h in (a["bbox"] for a in anns)]
+            assert all(c[0] == c[2] and c[1] == c[3] for c in cells)
+            assert len({c[:2] for c in cells}) == len(cells)
 
 
 def test_train_and_val_are_disjoint(world):
@@ -176,7 +179,7 @@ def test_gqa_answers_are_true(world):
             (xa,), (xb,) = ([x for c, s, x in scene if name in (s, f"{c} {s}")] for name in m.groups())
             assert answer == ("left" if xa < xb else "right")
     graph = graphs["shapes_val_000000"]
-    assert graph["width"] == graph["height"] == 48 and len(graph["objects"]) == len(objs["shapes_val_000000"])
+    assert graph["width"] == graph["height"] == 64 and len(graph["objects"]) == len(objs["shapes_val_000000"])
     for obj in graph["objects"].values():
         assert obj["name"] in shapes.SHAPES and obj["attributes"][0] in shapes.COLORS
         assert {r["name"] for r in obj["relations"]} <= {"to the left of", "to the right of"}

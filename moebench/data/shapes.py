@@ -37,10 +37,10 @@ WORLD_VERSION = 1
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "semicircle", "bar")
 COLORS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 90, 240),
           "yellow": (240, 230, 40), "purple": (160, 50, 210), "orange": (250, 130, 0)}
-SIZES = {"small": 0.22, "large": 0.36}  # side of the shape's box / image size
+SIZES = {"small": 0.55, "large": 0.85}  # side of the shape's box / grid cell
 BACKGROUND = (24, 24, 32)
 MARGIN = 2.0  # px between the boxes of two objects
-MIN_DX = 3.0  # px between x centres, so left / right is never ambiguous
+MIN_DX = 0.5  # x centres of a left/right pair differ by at least this many grid cells
 SUFFIX = "\nAnswer the question using a single word or phrase."
 CAPTION_PROMPTS = ("Describe the image briefly.", "Give a short description of the image.",
                    "What objects are in the picture?", "List the objects in the image.")
@@ -53,7 +53,8 @@ GQA_PER_IMAGE = 2
 @dataclass(frozen=True)
 class WorldSpec:
     seed: int = 0
-    image_size: int = 48
+    image_size: int = 64
+    grid: int = 4  # objects sit in a grid x grid layout of cells (one cell = one 16 px vision patch at 64 px)
     n_train: int = 6000
     n_val: int = 1000
     min_objects: int = 2
@@ -68,6 +69,9 @@ class WorldSpec:
         if not 1 <= self.min_objects <= self.max_objects <= len(SHAPES) - 3:
             raise UserError(f"shapes.min_objects={self.min_objects}, max_objects={self.max_objects}: need "
                             f"1 <= min_objects <= max_objects <= {len(SHAPES) - 3} (POPE needs 3 absent shapes)")
+        if self.image_size % self.grid or self.grid * self.grid < self.max_objects:
+            raise UserError(f"shapes.image_size={self.image_size}, grid={self.grid}: the image must split into "
+                            f"grid x grid cells, at least max_objects={self.max_objects} of them")
         if self.pope_images < 1:
             raise UserError(f"shapes.pope_images={self.pope_images}: must be >= 1")
 
@@ -126,7 +130,8 @@ _UNIT = _unit_shapes()
 
 def default_cache_dir(spec: WorldSpec = WorldSpec()) -> Path:
     base = Path(os.environ.get("MOEBENCH_CACHE") or Path.home() / ".cache" / "moebench")
-    return base / "shapes" / f"v{WORLD_VERSION}-seed{spec.seed}-{spec.image_size}px-{spec.n_train}-{spec.n_val}"
+    return base / "shapes" / (f"v{WORLD_VERSION}-seed{spec.seed}-{spec.image_size}px-grid{spec.grid}-"
+                              f"{spec.n_train}-{spec.n_val}")
 
 
 def read_manifest(root) -> dict:
@@ -211,34 +216,25 @@ def _hash_tree(root: Path) -> str:
 # ---------------------------------------------------------------- scenes
 
 
-def _place(rng: np.random.Generator, placed: list[Obj], side: float, size: int, tries: int = 64):
-    """A centre (cx, cy) for a new object of this side, clear of the placed ones, or None."""
-    lo, hi = side / 2 + 1, size - side / 2 - 1
-    c = np.round(rng.uniform(lo, hi, size=(tries, 2)), 2)  # (tries, 2) candidate centres
-    p = np.array([(o.cx, o.cy, o.side) for o in placed]).reshape(-1, 3)  # (placed, 3)
-    dx, dy = np.abs(c[:, :1] - p[:, 0]), np.abs(c[:, 1:] - p[:, 1])  # (tries, placed)
-    gap = (side + p[:, 2]) / 2 + MARGIN
-    hits = np.flatnonzero(((dx >= MIN_DX) & ((dx >= gap) | (dy >= gap))).all(axis=1))
-    return (float(c[hits[0], 0]), float(c[hits[0], 1])) if hits.size else None
-
-
 def _sample_scene(rng: np.random.Generator, spec: WorldSpec) -> list[Obj]:
-    """2..5 non-overlapping objects with distinct x centres; the image is redrawn if placement fails."""
-    size, colors, sizes = spec.image_size, list(COLORS), list(SIZES)
+    """2..5 objects in distinct cells of a grid, each jittered inside its cell.
+
+    One object per cell keeps every object inside one vision patch when patch = cell (the tiny towers
+    of the embedded world learn shapes from scratch in a few hundred steps that way).
+    """
+    cell = spec.image_size / spec.grid
     n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
-    for _ in range(1000):
-        drawn = [(SHAPES[i], colors[j], sizes[k]) for i, j, k in zip(
-            rng.integers(len(SHAPES), size=n), rng.integers(len(colors), size=n), rng.integers(len(sizes), size=n))]
-        placed: dict[int, Obj] = {}
-        for k in sorted(range(n), key=lambda k: -SIZES[drawn[k][2]]):  # large ones first: they pack better
-            side = SIZES[drawn[k][2]] * size
-            centre = _place(rng, list(placed.values()), side, size)
-            if centre is None:
-                break
-            placed[k] = Obj(*drawn[k], *centre, side)
-        if len(placed) == n:
-            return [placed[k] for k in range(n)]  # annotation order = draw order
-    raise UserError(f"could not place {n} objects in a {size}px image: raise shapes.image_size or lower max_objects")
+    cells = rng.choice(spec.grid * spec.grid, size=n, replace=False)
+    objs = []
+    for c in cells:
+        shape, color, size = SHAPES[int(rng.integers(len(SHAPES)))], list(COLORS)[int(rng.integers(len(COLORS)))], \
+            list(SIZES)[int(rng.integers(len(SIZES)))]
+        side = SIZES[size] * cell
+        room = max(0.0, (cell - side) / 2 - 0.5)  # jitter that keeps the object inside its cell
+        cx = (int(c) % spec.grid + 0.5) * cell + float(rng.uniform(-room, room))
+        cy = (int(c) // spec.grid + 0.5) * cell + float(rng.uniform(-room, room))
+        objs.append(Obj(shape, color, size, round(cx, 2), round(cy, 2), side))
+    return objs
 
 
 def _sample_split(split: str, spec: WorldSpec, first_id: int, first_ann: int) -> list[Scene]:
@@ -314,6 +310,12 @@ def _names(objs: list[Obj]) -> list[tuple[str, Obj]]:
             for o in objs if shapes[o.shape] == 1 or pairs[(o.color, o.shape)] == 1]
 
 
+def _apart(a: Obj, b: Obj) -> bool:
+    """Left/right is asked only of objects in different grid columns (MIN_DX cells apart)."""
+    cell = a.side / SIZES[a.size]
+    return abs(a.cx - b.cx) >= MIN_DX * cell
+
+
 def ask(kind: str, objs: list[Obj], rng: random.Random, yes: bool = True) -> dict | None:
     """One question of a GQA detailed type about a scene, or None if the scene cannot support it.
 
@@ -354,9 +356,10 @@ def ask(kind: str, objs: list[Obj], rng: random.Random, yes: bool = True) -> dic
         q = (f"How many {what} are there?", str(n), full, "query", semantic)
     elif kind == "relation":
         named = _names(objs)
-        if len(named) < 2:
+        pairs = [(x, y) for x in named for y in named if x[1] is not y[1] and _apart(x[1], y[1])]
+        if not pairs:
             return None
-        (a, oa), (b, ob) = rng.sample(named, 2)
+        (a, oa), (b, ob) = rng.choice(pairs)
         side = "left" if oa.cx < ob.cx else "right"
         q = (f"Is the {a} to the left or to the right of the {b}?", side, f"The {a} is to the {side} of the {b}.",
              "choose", "rel")
@@ -416,7 +419,7 @@ def _scene_graphs(scenes: list[Scene], spec: WorldSpec) -> dict:
             xs, ys = obj.polygon[0::2], obj.polygon[1::2]
             x, y = math.floor(min(xs)), math.floor(min(ys))
             relations = [{"name": "to the left of" if obj.cx < other.cx else "to the right of", "object": str(other_id)}
-                         for other, other_id in zip(s.objects, s.ann_ids) if other_id != ann_id]
+                         for other, other_id in zip(s.objects, s.ann_ids) if other_id != ann_id and _apart(obj, other)]
             objects[str(ann_id)] = {"name": obj.shape, "x": x, "y": y, "w": math.ceil(max(xs)) - x,
                                     "h": math.ceil(max(ys)) - y, "attributes": [obj.color, obj.size],
                                     "relations": relations}

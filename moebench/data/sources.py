@@ -26,7 +26,8 @@ def resolve(source: str | None, world: WorldConfig, progress: bool = True) -> Da
     if source == "shapes":
         from moebench.data.shapes import WorldSpec, ensure_world, world_hash
 
-        spec = WorldSpec(seed=world.seed, image_size=world.image_size, n_train=world.n_train, n_val=world.n_val)
+        spec = WorldSpec(seed=world.seed, image_size=world.image_size, grid=world.grid, n_train=world.n_train,
+                         n_val=world.n_val)
         root = ensure_world(spec, progress=progress)
         return DataSource(root=root, name=f"shapes-v{_world_version()}-seed{world.seed}", hash=world_hash(root))
     root = Path(source).expanduser()

@@ -96,7 +96,8 @@ def build_vlm(cfg: ModelConfig, tokenizer):
     llm = build_llm(cfg.llm, tokenizer)
     projector = PROJECTORS.get(cfg.projector)(vision.config.hidden_size, llm.config.hidden_size)
     return VLM(vision, projector, llm, image_token_id=image_token_id(tokenizer),
-               feature_layer=cfg.vision.feature_layer, select=cfg.vision.select)
+               feature_layer=cfg.vision.feature_layer, select=cfg.vision.select,
+               feature_norm=cfg.vision.feature_norm)
 
 
 def rebuild_vlm(cfg: ModelConfig, vision_config: dict, llm_config: dict, tokenizer):
@@ -111,4 +112,5 @@ def rebuild_vlm(cfg: ModelConfig, vision_config: dict, llm_config: dict, tokeniz
     llm = AutoModelForCausalLM.from_config(llm_cfg)
     projector = PROJECTORS.get(cfg.projector)(vision.config.hidden_size, llm.config.hidden_size)
     return VLM(vision, projector, llm, image_token_id=image_token_id(tokenizer),
-               feature_layer=cfg.vision.feature_layer, select=cfg.vision.select)
+               feature_layer=cfg.vision.feature_layer, select=cfg.vision.select,
+               feature_norm=cfg.vision.feature_norm)

@@ -21,7 +21,7 @@ class MLPProjector(nn.Sequential):
 
 class VLM(nn.Module):
     def __init__(self, vision_tower: nn.Module, projector: nn.Module, llm: nn.Module, *,
-                 image_token_id: int, feature_layer: int = -2, select: str = "patch"):
+                 image_token_id: int, feature_layer: int = -2, select: str = "patch", feature_norm: bool = False):
         super().__init__()
         self.vision_tower = vision_tower
         self.projector = projector
@@ -29,6 +29,7 @@ class VLM(nn.Module):
         self.image_token_id = image_token_id
         self.feature_layer = feature_layer
         self.select = select
+        self.feature_norm = feature_norm
 
     @property
     def num_image_tokens(self) -> int:
@@ -43,6 +44,8 @@ class VLM(nn.Module):
         h = out.hidden_states[self.feature_layer]  # (B, 1 + P, d_v)
         if self.select == "patch":
             h = h[:, 1:]  # (B, P, d_v) class token dropped
+        if self.feature_norm:
+            h = self.vision_tower.post_layernorm(h)
         return self.projector(h)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:

@@ -1,8 +1,23 @@
 """Stage 0 for the embedded world: CLIP-style contrastive pre-training of the vision tower.
 
 Real LLaVA starts from a pretrained CLIP (Radford et al. 2021); a tiny tower trained from scratch on
-captions plays that role here. Image embedding = visual projection of the pooled class token, text
-embedding = a small CLIP text transformer over the same captions; loss = open_clip's symmetric InfoNCE.
+captions plays that role here. Text embedding = a small CLIP text transformer over the captions;
+loss = open_clip's symmetric InfoNCE, plus (by default) a bag-of-words caption-classification term.
+
+Three departures from plain CLIP, all because a 4-layer ViT trained from scratch for a few hundred steps
+learns colour but not shape from InfoNCE alone (linear shape probe stays at the base rate):
+- the image embedding pools the *patch* tokens of the last layer with a max over patches ("is there a
+  star anywhere" is a max), not the class token (`pool="max"`; `"cls"` restores CLIP);
+- an auxiliary multi-label classification of the caption's tokens from the pooled image feature, as in
+  SuperClass (Huang et al. 2024, "Classification Done Right for Vision-Language Pre-Training"): each
+  token id of the caption is a positive label. Colour words alone cannot solve it, so shape words get
+  a direct gradient (`bow_weight=0` restores pure contrastive training);
+- training images are shown in greyscale (`gray_p=1.0`), so colour cannot be the shortcut that
+  matches captions (colour is learned first and starves shape learning otherwise).
+Measured on the 64 px grid world after 846 steps: a linear probe reads each patch token's shape (or
+"empty") at 97.5% (88% on object tokens); with plain CLIP on the earlier free-placement world the
+shape probe stayed at its base rate.
+The LLM later reads the patch tokens of `vision.feature_layer`; use -1 so it sees the layer trained here.
 """
 
 from __future__ import annotations
@@ -14,13 +29,16 @@ from torch import nn
 
 
 class ClipPretrainer(nn.Module):
-    def __init__(self, vision_tower: nn.Module, vocab_size: int, pad_id: int, eos_id: int, proj_dim: int = 128):
+    def __init__(self, vision_tower: nn.Module, vocab_size: int, pad_id: int, eos_id: int, proj_dim: int = 128,
+                 pool: str = "max", bow_weight: float = 1.0, gray_p: float = 1.0):
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         super().__init__()
         v = vision_tower.config
         self.vision_tower = vision_tower
+        self.pool, self.bow_weight, self.gray_p, self.pad_id, self.eos_id = pool, bow_weight, gray_p, pad_id, eos_id
         self.visual_projection = nn.Linear(v.hidden_size, proj_dim, bias=False)
+        self.bow_head = nn.Linear(v.hidden_size, vocab_size)
         text_cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                                   num_hidden_layers=2, num_attention_heads=v.num_attention_heads,
                                   max_position_embeddings=64, projection_dim=proj_dim,
@@ -28,15 +46,43 @@ class ClipPretrainer(nn.Module):
         self.text = CLIPTextModelWithProjection(text_cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
+    def image_feature(self, pixel_values):
+        out = self.vision_tower(pixel_values=pixel_values)
+        if self.pool == "cls":
+            return out.pooler_output
+        h = out.last_hidden_state[:, 1:]  # (B, P, d) patch tokens
+        return h.max(1).values if self.pool == "max" else h.mean(1)
+
     def forward(self, pixel_values, caption_ids, caption_mask):
         from open_clip.loss import ClipLoss
 
-        img = self.visual_projection(self.vision_tower(pixel_values=pixel_values).pooler_output)  # (B, p)
+        if self.training and self.gray_p:
+            pixel_values = grayscale(pixel_values, self.gray_p)
+        feat = self.image_feature(pixel_values)  # (B, d)
+        img = self.visual_projection(feat)  # (B, p)
         txt = self.text(input_ids=caption_ids, attention_mask=caption_mask).text_embeds  # (B, p)
         img, txt = nn.functional.normalize(img, dim=-1), nn.functional.normalize(txt, dim=-1)
-        return ClipLoss()(img, txt, self.logit_scale.exp().clamp(max=100))
+        loss = ClipLoss()(img, txt, self.logit_scale.exp().clamp(max=100))
+        logs = {"clip_loss": loss.detach()}
+        if self.bow_weight:
+            target = torch.zeros(caption_ids.shape[0], self.bow_head.out_features, device=feat.device)
+            keep = caption_mask.bool() & (caption_ids != self.pad_id) & (caption_ids != self.eos_id)
+            target.scatter_(1, caption_ids * keep, keep.float())  # multi-hot of the caption's token ids
+            target[:, 0] = keep.float().mul(caption_ids == 0).amax(1)  # index 0 only if really present
+            bow = nn.functional.binary_cross_entropy_with_logits(self.bow_head(feat), target, reduction="sum")
+            bow = bow / caption_ids.shape[0] / 10.0  # ~ per positive label (a caption has ~10 distinct tokens)
+            loss = loss + self.bow_weight * bow
+            logs["bow_loss"] = bow.detach()
+        return loss, logs
+
+
+def grayscale(pixel_values: torch.Tensor, p: float) -> torch.Tensor:
+    """Replace a random fraction p of the (normalised) images by their luma, copied to all 3 channels."""
+    w = torch.tensor([0.299, 0.587, 0.114], device=pixel_values.device, dtype=pixel_values.dtype)
+    gray = (pixel_values * w[:, None, None]).sum(1, keepdim=True).expand_as(pixel_values)
+    pick = torch.rand(pixel_values.shape[0], 1, 1, 1, device=pixel_values.device) < p
+    return torch.where(pick, gray, pixel_values)
 
 
 def clip_loss_fn(module: ClipPretrainer, batch: dict):
-    loss = module(batch["pixel_values"], batch["caption_ids"], batch["caption_mask"])
-    return loss, {}
+    return module(batch["pixel_values"], batch["caption_ids"], batch["caption_mask"])

@@ -115,6 +115,11 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
         encoder = Encoder(tokenizer, model.num_image_tokens, model.image_token_id, system=recipe.model.system,
                           max_len=stage.max_len)
         items = read_conversations(src.root / stage.data, stage.max_samples)
+        with_image = [it for it in items if it.get("image")]
+        if len(with_image) < len(items):  # LLaVA-mix665k has text-only items; this loop trains on image ones
+            _say(True, f"[yellow]note:[/] stage {stage.name}: skipping {len(items) - len(with_image)} of "
+                       f"{len(items)} conversations without an image")
+            items = with_image
         dataset = ConversationDataset(items, src.root / stage.images, encoder, stage.template, recipe.model.vision)
         if stage.kind == "clip":
             from moebench.train.clip import ClipPretrainer, clip_loss_fn
