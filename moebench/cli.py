@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Generate or inspect datasets.")
 app.add_typer(data_app, name="data")
 err = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # piped / logged tables keep their columns
 
 RUNS = typer.Option(Path("runs"), "--runs", help="Directory of runs and cached stage checkpoints.")
 RESULTS = typer.Option(Path("results"), "--results", help="Directory the Arrow result tables are written to.")
