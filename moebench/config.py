@@ -77,7 +77,6 @@ class ModelConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     template: Literal["llava_v1"] = "llava_v1"
     system: str = ""
-    pretrained: str | None = None  # a whole VLM: a moebench run dir or a LLaVA checkpoint dir
 
 
 @dataclass
@@ -150,6 +149,9 @@ class Recipe:
 
 
 TRAINABLE_MODULES = ("vision", "projector", "llm")
+# Part of every stage key: bump it when the code changes what a stage computes (losses, data
+# encoding), so cached stage checkpoints made by older code are not reused.
+STAGE_FORMAT = 1
 # Fields that change how a stage is logged or checkpointed, not what it computes.
 _NON_SEMANTIC_STAGE_KEYS = {"save_every", "log_every"}
 
@@ -375,6 +377,7 @@ def stage_key(recipe: Recipe, index: int, data_hash: str) -> str:
         "stages": stages,
         "seed": recipe.seed,
         "precision": recipe.precision,
+        "format": STAGE_FORMAT,
     }
     return _digest(part)
 
