@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, run_cli
 
 RECIPE = REPO / "recipes" / "shapes_dense.yaml"
 

@@ -105,7 +105,7 @@ def test_adversarial_negative_is_most_co_occurring_absent(coco_file):
     co = co_occurrence()
     records = pope.build_pope(coco_file, num_images=4, seed=1)["adversarial"]
     for image, rows in by_image(records).items():
-        objs, asked = OBJECTS[int(image[4:-4])], set(OBJECTS[int(image[4:-4])])
+        asked = set(OBJECTS[int(image[4:-4])])
         for pos_row, neg_row in zip(rows[0::2], rows[1::2]):
             pos, neg = name_of(pos_row), name_of(neg_row)
             ranking = sorted(co[pos], key=lambda m: (-co[pos][m], m))

@@ -1,7 +1,6 @@
 """Results files: schema, atomic writes, concurrent writers, reading back, latest rows."""
 
 import multiprocessing
-import os
 
 import pyarrow as pa
 import pytest

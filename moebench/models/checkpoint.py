@@ -74,7 +74,6 @@ def load_vlm(model_dir: Path, expect: ModelConfig | None = None):
     With `expect`, a checkpoint whose configuration differs from the recipe is an error.
     Returns (model, tokenizer, meta).
     """
-    from safetensors.torch import load_file
 
     from moebench.models.build import rebuild_vlm
     from moebench.models.tokenizer import load_tokenizer
