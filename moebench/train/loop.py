@@ -8,6 +8,7 @@ parallelism can wrap the module without changing the loop.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ def lr_lambda(stage: StageConfig, total: int) -> Callable[[int], float]:
     return f
 
 
+@functools.lru_cache(maxsize=2)
 def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """The batches of one epoch: a seeded permutation, cut into batches, sharded across ranks."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
@@ -105,7 +107,7 @@ def run_stage(
     rows, pending, last_loss = [], [], float("nan")
     acc_loss, acc_logs, acc_tokens, t_log = 0.0, {}, 0, time.perf_counter()
     t_start = time.perf_counter()
-    bar = _progress(progress, stage.name, total, step)
+    bar = _Bar(progress, stage.name, total, step)
     with bar:
         while step < total:
             for micro in range(stage.grad_accum):
@@ -183,7 +185,3 @@ class _Bar:
     def update(self, step: int, **fields):
         if self.enabled:
             self.p.update(self.task, completed=step, **fields)
-
-
-def _progress(enabled: bool, name: str, total: int, done: int) -> _Bar:
-    return _Bar(enabled, name, total, done)
