@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "results go to Arrow tables.")
 data_app = typer.Typer(no_args_is_help=True, help="Generate or inspect datasets.")
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(no_args_is_help=True, help="Micro-benchmarks; timings are ratios taken in one run.")
+app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)  # piped / logged tables keep their columns
 
@@ -114,6 +116,83 @@ def report(
         print(json.dumps(rows, indent=1, default=str))
     else:
         out.print(report_table(rows))
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (real recipes too: no weights are loaded or downloaded)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. moe.top_k=1."),
+    text_tokens: int = typer.Option(128, "--text-tokens", min=0, help="Text tokens after the image, for attention FLOPs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """Total and activated parameters (LLM, vision tower, projector) and FLOPs per token, on the meta device."""
+    from rich.table import Table
+
+    from moebench.config import load_recipe
+    from moebench.moe.plan import plan as make_plan
+
+    p = make_plan(load_recipe(recipe, overrides or []), text_tokens=text_tokens)
+    if as_json:
+        print(json.dumps(p, indent=1))
+        return
+    llm = p["llm"]
+    t = Table(title=f"{p['recipe']} ({p['variant']})")
+    for c in ("part", "total", "activated / token", "note"):
+        t.add_column(c, justify="left" if c in ("part", "note") else "right")
+    moe = f"{len(llm['moe_layers'])} MoE layers x {llm['experts']} experts, top-{llm['top_k']}" if llm["moe_layers"] else "dense"
+    t.add_row("LLM", _b(llm["total"]), _b(llm["activated"]), f"{moe}; embeddings + LM head {_b(llm['embeddings'])} counted")
+    t.add_row("vision tower", _b(p["vision"]["total"]), _b(p["vision"]["total"]), f"{p['vision']['tokens_per_image']} image tokens")
+    t.add_row("projector", _b(p["projector"]["total"]), _b(p["projector"]["total"]), "")
+    t.add_row("all", _b(p["total"]), _b(p["activated"]), "")
+    out.print(t)
+    f = p["flops_per_token"]
+    out.print(f"LLM FLOPs per token: {f['total'] / 1e9:.2f} G at context {f['context']} "
+              f"(matmuls {f['matmul'] / 1e9:.2f} G, attention {f['attention'] / 1e9:.3f} G); "
+              f"vision tower {p['vision_flops_per_image'] / 1e9:.1f} GFLOPs per image")
+
+
+def _b(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+@bench_app.command("moe-layer")
+def bench_moe_layer(
+    experts: int = typer.Option(4, help="Routed experts E."),
+    top_k: int = typer.Option(2, "--top-k", help="Experts per token k."),
+    hidden: int = typer.Option(512, help="Model width d."),
+    ffn: int = typer.Option(1408, help="SwiGLU width f of one expert."),
+    tokens: int = typer.Option(4096, help="Tokens per forward."),
+    repeats: int = typer.Option(5, help="Timed rounds (median reported)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Forward+backward of one MoE layer vs the equal-FLOPs dense FFN, the naive expert loop and transformers' kernels."""
+    import torch
+
+    from moebench.moe.bench import bench_moe_layer as run_bench
+
+    if top_k > experts:
+        raise UserError(f"--top-k {top_k} is larger than --experts {experts}; choose top_k <= experts")
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype {dtype!r}: choose fp32 or bf16")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here; use --device cpu")
+    r = run_bench(experts=experts, top_k=top_k, hidden=hidden, ffn=ffn, tokens=tokens, repeats=repeats,
+                  device=device, dtype=dtype)
+    if as_json:
+        print(json.dumps(r, indent=1))
+        return
+    from rich.table import Table
+
+    c = r["config"]
+    t = Table(title=f"MoE layer fwd+bwd: E={c['experts']} k={c['top_k']} d={c['hidden']} f={c['ffn']} "
+                    f"{c['tokens']} tokens, {c['dtype']} {c['device']} ({c['threads']} threads)")
+    for col in ("contender", "ms (median)", "x dense"):
+        t.add_column(col, justify="left" if col == "contender" else "right")
+    for name, sec in r["seconds"].items():
+        t.add_row(name, f"{1000 * sec:.1f}", f"{r['ratio_to_dense'][name]:.2f}")
+    out.print(t)
 
 
 @data_app.command("shapes")

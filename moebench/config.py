@@ -30,6 +30,7 @@ class VisionConfig:
 
     name: Literal["clip"] = "clip"
     pretrained: str | None = None
+    arch: str | None = None  # architecture preset of the pretrained tower, for `moebench plan` (see moe/plan.py)
     image_size: int = 48
     patch_size: int = 8
     hidden_size: int = 128
@@ -52,6 +53,7 @@ class LLMConfig:
 
     family: Literal["qwen2", "llama", "stablelm", "phi"] = "qwen2"
     pretrained: str | None = None
+    arch: str | None = None  # architecture preset of the pretrained LLM, for `moebench plan` (see moe/plan.py)
     hidden_size: int = 128
     layers: int = 4
     heads: int = 4
@@ -59,6 +61,11 @@ class LLMConfig:
     intermediate_size: int = 512
     max_positions: int = 512
     rope_theta: float = 10000.0
+    # std of the normal init of a randomly initialised LLM (HF `initializer_range`); None keeps the
+    # family default 0.02, which suits widths of 1k and more. A tiny LLM trained from scratch learns
+    # content lookups ("is there a diamond?" against the image tokens) many times faster at about
+    # 1/sqrt(hidden_size): see README "Why the tiny LLM uses init_std".
+    init_std: float | None = None
 
 
 @dataclass
@@ -105,6 +112,7 @@ class StageConfig:
     data: str = ""  # LLaVA conversation JSON, relative to the data root
     images: str = ""  # image folder, relative to the data root
     template: Literal["chat", "plain"] = "chat"  # "plain" = image then caption (LLaVA stage I)
+    upcycle: bool = False  # MoE-Tuning stage III: turn the FFNs named in `moe:` into experts first
     train: list[str] = field(default_factory=list)
     lr: float = 2e-5
     lr_scale: dict[str, float] = field(default_factory=dict)  # per-module lr multipliers
@@ -123,6 +131,23 @@ class StageConfig:
 
 
 @dataclass
+class MoEConfig:
+    """The MoE variant (MoE-LLaVA): which FFNs are upcycled into how many experts, and the routing losses."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    # every_other (0, 2, 4, ...), first_half, second_half, all, or a list of decoder layer indices
+    layers: Literal["every_other", "first_half", "second_half", "all"] | list[int] = "every_other"
+    aux_loss_coef: float = 0.01  # times the sum of the per-layer balance losses
+    z_loss_coef: float = 0.0  # router z-loss (ST-MoE uses 1e-3; MoE-LLaVA none)
+    capacity_factor: float | None = None  # training; None = dropless
+    eval_capacity_factor: float | None = None  # evaluation; None = dropless
+    shared_expert: Literal["none", "plain", "gated"] = "none"
+    # expert kernel from transformers.integrations.moe; None = grouped_mm where torch has it
+    implementation: Literal["grouped_mm", "batched_mm", "eager"] | None = None
+
+
+@dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["pope", "gqa"])
     batch_size: int = 16
@@ -134,11 +159,12 @@ class EvalConfig:
 class Recipe:
     name: str = ""
     seed: int = 0
-    variant: Literal["dense"] = "dense"
+    variant: Literal["dense", "moe"] = "dense"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=list)
+    moe: MoEConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def stage(self, name: str) -> StageConfig:
@@ -148,7 +174,8 @@ class Recipe:
         raise UserError(f"no stage named {name!r}; stages are {[s.name for s in self.stages]}")
 
 
-TRAINABLE_MODULES = ("vision", "projector", "llm")
+# ffn = every decoder FFN (dense MLPs, experts, routers, shared experts); router = the routers only
+TRAINABLE_MODULES = ("vision", "projector", "llm", "ffn", "router")
 # Part of every stage key: bump it when the code changes what a stage computes (losses, data
 # encoding), so cached stage checkpoints made by older code are not reused.
 STAGE_FORMAT = 1
@@ -289,8 +316,29 @@ def _list_item(items: list, part: str, where: str):
     raise UserError(f"no item {part!r} in {where.rsplit('.', 1)[0]}{did_you_mean(part, names)}; items: {names}")
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    path = Path(path)
+def _merge(base: dict, child: dict) -> dict:
+    """`child` over `base`: mappings merge key by key; `stages` merge by stage name (a new name is
+    appended, a known one is updated); any other value replaces the base's."""
+    out = dict(base)
+    for k, v in child.items():
+        if k == "stages" and isinstance(v, list) and isinstance(base.get(k), list):
+            stages = [dict(s) for s in base[k]]
+            for s in v:
+                same = [b for b in stages if isinstance(s, dict) and b.get("name") == s.get("name")]
+                if same:
+                    same[0].update(s)
+                else:
+                    stages.append(s)
+            out[k] = stages
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
+            out[k] = _merge(base[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe mapping of `path`, with its `extends:` chain resolved (paths relative to the file)."""
     if not path.is_file():
         raise MissingFile(path, "recipe file", "see `moebench ls` for the shipped recipes")
     try:
@@ -300,6 +348,20 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping")
     raw.setdefault("name", path.stem)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base_path = (path.parent / str(parent)).resolve()
+    if base_path in seen:
+        raise UserError(f"{path}: `extends: {parent}` makes a cycle")
+    base = _read_raw(base_path, (*seen, path.resolve()))
+    return _merge(base, raw)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe YAML (following `extends:`), apply key=value overrides, type-check and validate."""
+    path = Path(path)
+    raw = _read_raw(path)
     for o in overrides:
         apply_override(raw, o)
     recipe = from_dict(Recipe, raw)
@@ -349,8 +411,44 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"model.llm.hidden_size={llm.hidden_size} must be divisible by heads={llm.heads}")
         if llm.heads % llm.kv_heads:
             raise UserError(f"model.llm.heads={llm.heads} must be divisible by kv_heads={llm.kv_heads}")
+    _validate_moe(recipe)
     if recipe.eval.batch_size < 1:
         raise UserError(f"eval.batch_size={recipe.eval.batch_size} must be >= 1")
+
+
+def _validate_moe(recipe: Recipe) -> None:
+    upcycling = [s.name for s in recipe.stages if s.upcycle]
+    m = recipe.moe
+    if recipe.variant == "moe" and (m is None or not upcycling):
+        raise UserError("variant=moe needs a `moe:` section and one stage with `upcycle: true`")
+    if upcycling and m is None:
+        raise UserError(f"stages.{upcycling[0]}.upcycle is true but the recipe has no `moe:` section; add one")
+    if len(upcycling) > 1:
+        raise UserError(f"stages {upcycling} all upcycle; only one stage may (the model is upcycled once)")
+    if m is None:
+        return
+    if m.num_experts < 1:
+        raise UserError(f"moe.num_experts={m.num_experts} must be >= 1")
+    if not 1 <= m.top_k <= m.num_experts:
+        raise UserError(f"moe.top_k={m.top_k} must be between 1 and moe.num_experts={m.num_experts}")
+    for key in ("capacity_factor", "eval_capacity_factor"):
+        cf = getattr(m, key)
+        if cf is not None and cf <= 0:
+            raise UserError(f"moe.{key}={cf} must be > 0 (or null for dropless routing)")
+    if m.aux_loss_coef < 0 or m.z_loss_coef < 0:
+        raise UserError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
+    if isinstance(m.layers, list):
+        n = recipe.model.llm.layers
+        bad = [i for i in m.layers if not 0 <= i < n] if recipe.model.llm.pretrained is None else []
+        if bad:
+            raise UserError(f"moe.layers: index {bad[0]} is out of range for an LLM with {n} layers (use 0..{n - 1})")
+        if not m.layers:
+            raise UserError("moe.layers is an empty list; name at least one decoder layer")
+
+
+def upcycle_index(recipe: Recipe) -> int | None:
+    """The index of the stage that upcycles the model, or None for a dense recipe."""
+    return next((i for i, s in enumerate(recipe.stages) if s.upcycle), None)
 
 
 # ---------------------------------------------------------------------------- hashing
@@ -379,6 +477,9 @@ def stage_key(recipe: Recipe, index: int, data_hash: str) -> str:
         "precision": recipe.precision,
         "format": STAGE_FORMAT,
     }
+    up = upcycle_index(recipe)
+    if up is not None and index >= up:  # stages before the upcycling one are shared with the dense recipe
+        part["moe"] = to_dict(recipe.moe)
     return _digest(part)
 
 

@@ -53,6 +53,7 @@ METRICS_SCHEMA = _schema("metrics", [
     ("params_total", _i64, True),
     ("params_activated", _i64, True),
     ("params_detail", _str, True),  # JSON: llm / vision / projector, embeddings counted or not
+    ("extra", _str, True),  # JSON: variant statistics, e.g. {"expert_load": {"0": [shares per expert]}}
     ("ttft_ms", _f64, True),
     ("tpot_ms", _f64, True),
     ("samples_per_s", _f64, True),

@@ -60,3 +60,57 @@ def test_every_recipe_starts_with_its_command():
     for p in (REPO / "recipes").glob("*.yaml"):
         first = p.read_text().splitlines()[0]
         assert first.startswith(f"# moebench train recipes/{p.name}"), p
+
+
+MOE = REPO / "recipes" / "shapes_moe.yaml"
+
+
+def test_extends_shares_the_dense_stages():
+    dense, moe = load_recipe(RECIPE), load_recipe(MOE)
+    assert [s.name for s in moe.stages] == ["clip", "pretrain", "finetune", "moe"]
+    assert moe.name == "shapes_moe" and moe.variant == "moe" and moe.stage("moe").upcycle
+    for i in range(3):  # the MoE recipe reuses the dense recipe's cached stage checkpoints
+        assert stage_key(dense, i, "h") == stage_key(moe, i, "h")
+    other = load_recipe(MOE, ["moe.top_k=1"])
+    assert stage_key(other, 2, "h") == stage_key(moe, 2, "h") and stage_key(other, 3, "h") != stage_key(moe, 3, "h")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("moe.top_k=5", "moe.top_k=5 must be between 1 and moe.num_experts=4"),
+    ("moe.layers=[0,9]", "moe.layers: index 9 is out of range for an LLM with 4 layers"),
+    ("moe.capacity_factor=0", "moe.capacity_factor=0.0 must be > 0"),
+    ("moe.layers=odd", "moe.layers='odd' is not allowed"),
+    ("moe.shared_expert=always", "moe.shared_expert='always' is not allowed"),
+])
+def test_bad_moe_config(override, message):
+    with pytest.raises(UserError) as e:
+        load_recipe(MOE, [override])
+    assert message in str(e.value)
+
+
+def test_bad_moe_config_exits_2(capsys):
+    code, _, err = run_cli(["train", MOE, "moe.top_k=8"], capsys)
+    assert code == 2 and "moe.top_k=8" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("recipe, total, activated", [
+    ("moe_llava_2b", 2.89e9, 2.06e9), ("moe_llava_qwen_2b", 3.05e9, 2.24e9), ("moe_llava_phi_3b", 5.30e9, 3.62e9),
+])
+def test_plan_matches_the_paper_counts(recipe, total, activated):
+    """MoE-LLaVA's LLM-only counts (embeddings included), from architecture presets on the meta device."""
+    from moebench.moe.plan import plan
+
+    p = plan(load_recipe(REPO / "recipes" / f"{recipe}.yaml"))
+    assert p["llm"]["total"] == pytest.approx(total, rel=0.01)
+    assert p["llm"]["activated"] == pytest.approx(activated, rel=0.01)
+    assert len(p["llm"]["moe_layers"]) == p["llm"]["layers"] // 2
+
+
+def test_plan_cli_on_the_embedded_recipe(capsys):
+    import json
+
+    code, out, err = run_cli(["plan", MOE, "--json"], capsys)
+    assert code == 0, err
+    p = json.loads(out)
+    assert p["llm"]["moe_layers"] == [0, 2] and p["activated"] < p["total"]
+    assert p["flops_per_token"]["total"] > 0

@@ -15,6 +15,7 @@ from moebench.data.sources import DataSource, file_hash, resolve
 from moebench.eval import metrics
 from moebench.eval.generate import greedy_generate
 from moebench.eval.tasks import Sample, TaskConfig, load_samples, load_task
+from moebench.moe.upcycle import LoadCounter
 from moebench.runs import RunInfo
 
 
@@ -34,8 +35,9 @@ def _batches(samples: list[Sample], size: int):
 
 def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[Sample], *, vision,
             batch_size: int, max_new_tokens: int, device: torch.device, progress: bool = True
-            ) -> tuple[list[dict], dict]:
-    """Greedy answers for `samples`; returns per-sample records and the task's timing summary."""
+            ) -> tuple[list[dict], dict, dict | None]:
+    """Greedy answers for `samples`; returns per-sample records, the task's timing summary and variant
+    statistics (per-layer expert load of an MoE model, over prompt and generated tokens)."""
     from moebench.data.images import load_image, preprocess
 
     v = vision
@@ -52,7 +54,7 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
         run(samples[:batch_size])  # warm-up, not timed
     records, ttfts, decode_s, decode_tokens = [], [], 0.0, 0
     t_start = time.perf_counter()
-    with _task_bar(progress, task.name, len(samples)) as bar:
+    with _task_bar(progress, task.name, len(samples)) as bar, LoadCounter(model) as load:
         for batch in _batches(samples, batch_size):
             prompts, gen = run(batch)
             ttfts.append(gen.ttft_s)
@@ -73,7 +75,8 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
         "samples_per_s": len(samples) / wall if wall > 0 else None,
         "peak_mem_mb": _peak_memory_mb(device),
     }
-    return records, timing
+    extra = {"expert_load": load.load()} if load.blocks else None
+    return records, timing, extra
 
 
 class _task_bar:
@@ -147,7 +150,7 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
     all_rows = []
     for task in tasks:
         samples = load_samples(task, src.root, limit)
-        records, timing = predict(model, tokenizer, encoder, task, samples, vision=recipe.model.vision,
+        records, timing, extra = predict(model, tokenizer, encoder, task, samples, vision=recipe.model.vision,
                                   batch_size=batch_size,
                                   max_new_tokens=max_new_tokens or task.max_new_tokens, device=device,
                                   progress=progress)
@@ -155,7 +158,8 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
         stamp = results.utc_now()
         data_hash = src.hash or _questions_hash(task, src.root)
         rows = [{**common, **timing, **r, "task": task.name, "dataset": src.name, "dataset_hash": data_hash,
-                 "task_version": task.version, "normalizer": task.normalizer or None, "timestamp": stamp}
+                 "task_version": task.version, "normalizer": task.normalizer or None, "extra": extra,
+                 "timestamp": stamp}
                 for r in metric_rows]
         results.append_rows(results_dir, "metrics", run.name, rows)
         if log_samples:

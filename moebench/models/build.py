@@ -30,6 +30,8 @@ def _llm_config(family: str, c: LLMConfig, vocab_size: int, pad_id: int, eos_id:
            "stablelm": transformers.StableLmConfig, "phi": transformers.PhiConfig}[family]
     if family == "phi":
         common["hidden_act"] = "gelu_new"
+    if c.init_std is not None:
+        common["initializer_range"] = c.init_std
     return cls(**common)
 
 

@@ -47,7 +47,9 @@ def atomic_dir(final: Path):
     return _Ctx()
 
 
-def save_vlm(model, cfg: ModelConfig, tokenizer, out_dir: Path, extra: dict | None = None) -> Path:
+def save_vlm(model, cfg: ModelConfig, tokenizer, out_dir: Path, extra: dict | None = None,
+             moe=None) -> Path:
+    """Write weights, configs and tokenizer; `moe` (a MoEConfig) when the LLM has been upcycled."""
     from safetensors.torch import save_model
 
     out_dir = Path(out_dir)
@@ -57,6 +59,7 @@ def save_vlm(model, cfg: ModelConfig, tokenizer, out_dir: Path, extra: dict | No
             "model": to_dict(cfg),
             "vision_config": model.vision_tower.config.to_dict(),
             "llm_config": model.llm.config.to_dict(),
+            "moe": to_dict(moe) if moe is not None else None,
             **(extra or {}),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -88,6 +91,11 @@ def load_vlm(model_dir: Path, expect: ModelConfig | None = None):
         raise UserError(f"checkpoint {model_dir} does not match the recipe: {diff}")
     tokenizer = load_tokenizer(str(model_dir / "tokenizer"))
     model = rebuild_vlm(cfg, meta["vision_config"], meta["llm_config"], tokenizer)
+    if meta.get("moe"):
+        from moebench.config import MoEConfig
+        from moebench.moe.upcycle import upcycle
+
+        upcycle(model.llm, from_dict(MoEConfig, meta["moe"], "moe"), empty=True)
     load_weights(model, model_dir / MODEL_FILE)
     model.eval()
     return model, tokenizer, meta

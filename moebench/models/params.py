@@ -1,7 +1,8 @@
 """Parameter accounting: total and activated per token, per part (LLM, vision tower, projector).
 
 Conventions (DESIGN section 5): MoE-LLaVA counts the whole LLM, embeddings included; we report the
-embedding count beside it so either convention can be read off. A dense model activates everything.
+embedding count beside it so either convention can be read off. A dense model activates everything;
+an MoE block activates its router, its shared expert and top_k of its num_experts routed experts.
 """
 
 from __future__ import annotations
@@ -11,13 +12,27 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def inactive_params(llm) -> int:
+    """Routed-expert parameters a token does not use: (E - k) / E of every MoE block's experts."""
+    from moebench.moe.layer import MoEBlock
+
+    out = 0
+    for m in llm.modules():
+        if isinstance(m, MoEBlock):
+            out += _count(m.experts) * (m.num_experts - m.top_k) // m.num_experts
+    return out
+
+
 def count_params(model) -> dict:
-    """{'total', 'activated', 'llm', 'llm_embeddings', 'vision', 'projector', 'embeddings_counted'}."""
+    """{'total', 'activated', 'llm', 'llm_activated', 'llm_embeddings', 'vision', 'projector', 'embeddings_counted'}."""
     llm = _count(model.llm)  # parameters() de-duplicates tied lm_head / embeddings
     emb = model.llm.get_input_embeddings().weight.numel()
     out_emb = model.llm.get_output_embeddings()
     if out_emb is not None and out_emb.weight is not model.llm.get_input_embeddings().weight:
         emb += out_emb.weight.numel()
-    parts = {"llm": llm, "llm_embeddings": emb, "vision": _count(model.vision_tower), "projector": _count(model.projector)}
+    llm_activated = llm - inactive_params(model.llm)
+    parts = {"llm": llm, "llm_activated": llm_activated, "llm_embeddings": emb,
+             "vision": _count(model.vision_tower), "projector": _count(model.projector)}
     total = parts["llm"] + parts["vision"] + parts["projector"]
-    return {"total": total, "activated": total, **parts, "embeddings_counted": True}
+    activated = llm_activated + parts["vision"] + parts["projector"]
+    return {"total": total, "activated": activated, **parts, "embeddings_counted": True}

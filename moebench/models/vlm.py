@@ -74,6 +74,9 @@ class VLM(nn.Module):
             # left padding: positions count real tokens only
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         embeds = self.embed(input_ids, pixel_values)
+        for m in self.llm.modules():  # MoE blocks keep padding out of routing
+            if hasattr(m, "token_mask"):
+                m.token_mask = attention_mask
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
 

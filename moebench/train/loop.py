@@ -118,7 +118,8 @@ def run_stage(
                 acc_loss += loss.item() / stage.grad_accum
                 acc_tokens += int(batch["attention_mask"].sum())
                 for k, v in logs.items():
-                    acc_logs[k] = acc_logs.get(k, 0.0) + float(v) / stage.grad_accum
+                    v = v.detach().float().cpu() if torch.is_tensor(v) else torch.tensor(float(v))
+                    acc_logs[k] = acc_logs.get(k, 0.0) + v / stage.grad_accum
             if stage.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for _, ps, _ in param_groups for p in ps], stage.grad_clip)
             opt.step()
@@ -130,8 +131,9 @@ def run_stage(
                 dt = time.perf_counter() - t_log
                 last_loss = acc_loss / k
                 row = {"stage": stage.name, "step": step, "epoch": step * stage.grad_accum / per_epoch,
-                       "loss": last_loss, "lm_loss": acc_logs.get("lm_loss", last_loss * k) / k,
-                       "aux_loss": acc_logs.get("aux_loss", 0.0) / k, "lr": sched.get_last_lr()[0],
+                       "loss": last_loss, "lm_loss": float(acc_logs.get("lm_loss", last_loss * k)) / k,
+                       "aux_loss": float(acc_logs.get("aux_loss", 0.0)) / k, "lr": sched.get_last_lr()[0],
+                       "extra": _extra(acc_logs, k),
                        "tokens_per_s": acc_tokens / dt if dt > 0 else None,
                        "elapsed_s": time.perf_counter() - t_start}
                 rows.append(row)
@@ -149,6 +151,22 @@ def run_stage(
     log(pending)
     module.eval()
     return StageResult(steps=step, final_loss=last_loss, rows=rows)
+
+
+def _extra(acc_logs: dict, k: int) -> dict | None:
+    """Logged statistics other than the losses, averaged over k steps: {"load": {"0": [...]}, ...}
+    for keys named "load/0" (statistic / MoE layer)."""
+    out: dict = {}
+    for key, v in acc_logs.items():
+        if key in ("lm_loss", "aux_loss"):
+            continue
+        name, _, layer = key.partition("/")
+        value = (v / k).tolist()
+        if layer:
+            out.setdefault(name, {})[layer] = value
+        else:
+            out[name] = value
+    return out or None
 
 
 def _save_partial(module, opt, sched, step: int, partial: Path) -> None:

@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 
 from moebench import results
-from moebench.config import Recipe, StageConfig, recipe_hash, stage_key, to_dict
+from moebench.config import MoEConfig, Recipe, StageConfig, recipe_hash, stage_key, to_dict, upcycle_index
 from moebench.data.conversations import ConversationDataset, Encoder, collate, read_conversations
 from moebench.data.sources import DataSource, file_hash, resolve
+from moebench.errors import UserError
 from moebench.models.checkpoint import atomic_dir, is_model_dir, load_vlm, save_vlm
 from moebench.runs import RUN_FILE, STAGES_DIR, RunInfo, git_commit
 from moebench.train.loop import run_stage
@@ -61,25 +62,55 @@ def stage_dirs(recipe: Recipe, runs_dir: Path, dhash: str) -> list[Path]:
     return [Path(runs_dir) / STAGES_DIR / f"{i}-{s.name}-{stage_key(recipe, i, dhash)}" for i, s in enumerate(recipe.stages)]
 
 
+def _trainable_parts(model) -> dict[str, list]:
+    """Module name in a stage's `train:` list -> its parameters."""
+    from moebench.moe.upcycle import decoder_layers, moe_blocks
+
+    ffn = [p for layer in decoder_layers(model.llm) for p in layer.mlp.parameters()]
+    routers = [p for _, b in moe_blocks(model) for p in b.router.parameters()]
+    return {"vision": list(model.vision_tower.parameters()), "projector": list(model.projector.parameters()),
+            "llm": list(model.llm.parameters()), "ffn": ffn, "router": routers}
+
+
 def _param_groups(model, stage: StageConfig) -> list[tuple[str, list, float]]:
-    parts = {"vision": model.vision_tower, "projector": model.projector, "llm": model.llm}
+    parts = _trainable_parts(model)
     for p in model.parameters():
         p.requires_grad_(False)
     groups = []
     for name in stage.train:
-        params = list(parts[name].parameters())
+        params = parts[name]
+        if not params:
+            raise UserError(f"stages.{stage.name}.train has {name!r} but the model has no such parameters "
+                            "(routers exist only after a stage with upcycle: true)")
         for p in params:
             p.requires_grad_(True)
         groups.append((name, params, stage.lr * stage.lr_scale.get(name, 1.0)))
     return groups
 
 
-def _lm_loss_fn(model, batch):
-    from moebench.models.vlm import lm_loss
+def make_loss_fn(moe: MoEConfig | None):
+    """Next-token loss, plus aux_loss_coef * sum of balance losses (+ z-loss) when the LLM has MoE layers.
 
-    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-    loss = lm_loss(out.logits, batch["labels"])
-    return loss, {"lm_loss": loss.detach()}
+    Logs carry per-layer expert load, router entropy and dropped fraction for the training table.
+    """
+    from moebench.models.vlm import lm_loss
+    from moebench.moe.upcycle import moe_blocks, moe_losses
+
+    def loss_fn(model, batch):
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        lm = lm_loss(out.logits, batch["labels"])
+        logs = {"lm_loss": lm.detach()}
+        balance, z = moe_losses(model)
+        if balance is None or moe is None:
+            return lm, logs
+        aux = moe.aux_loss_coef * balance + moe.z_loss_coef * z
+        logs["aux_loss"] = aux.detach()
+        for i, block in moe_blocks(model):
+            for k, v in block.statistics().items():
+                logs[f"{k}/{i}"] = v
+        return lm + aux, logs
+
+    return loss_fn
 
 
 def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = False, progress: bool = True,
@@ -95,7 +126,7 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
     done = max((i for i, d in enumerate(dirs) if is_model_dir(d / "model")), default=-1)
     if done >= 0:
         model, tokenizer, _ = load_vlm(dirs[done] / "model", expect=recipe.model)
-        _say(progress, f"reusing stages {[s.name for s in recipe.stages[: done + 1]]} from {dirs[done].parent}")
+        _say(True, f"reusing stages {[s.name for s in recipe.stages[: done + 1]]} from {dirs[done].parent}")
     else:
         from moebench.models.build import build_vlm
 
@@ -130,12 +161,19 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
                 p.requires_grad_(True)
             groups, loss_fn = [("vision", list(module.parameters()), stage.lr)], clip_loss_fn
         else:
-            module, groups, loss_fn = model, _param_groups(model, stage), _lm_loss_fn
+            if stage.upcycle:
+                from moebench.moe.upcycle import upcycle
+
+                layers = upcycle(model.llm, recipe.moe)
+                _say(True, f"upcycled FFNs of layers {layers} into {recipe.moe.num_experts} experts "
+                               f"(top-{recipe.moe.top_k})")
+            module, groups, loss_fn = model, _param_groups(model, stage), make_loss_fn(recipe.moe)
         _say(progress, f"[bold]stage {i} {stage.name}[/]: {len(dataset)} samples, training {stage.train}")
         res = run_stage(module, groups, loss_fn, dataset, lambda b: collate(b, tokenizer.pad_token_id), stage,
                         seed=recipe.seed, work_dir=dirs[i], resume=resume, device=device,
                         precision=recipe.precision, log=log, on_step=on_step, progress=progress)
-        save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss})
+        save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss},
+                 moe=recipe.moe if _upcycled(recipe, i) else None)
         (dirs[i] / "stage.json").write_text(json.dumps({"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
         shutil.rmtree(dirs[i] / "partial", ignore_errors=True)
 
@@ -150,6 +188,11 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
         shutil.copytree(dirs[-1] / "model", tmp / "model", copy_function=_link_or_copy)
         (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1))
     return RunInfo(run_dir, meta)
+
+
+def _upcycled(recipe: Recipe, i: int) -> bool:
+    up = upcycle_index(recipe)
+    return up is not None and i >= up
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -1,0 +1,1 @@
+"""The MoE variant: the sparse MoE layer and the upcycling transform."""

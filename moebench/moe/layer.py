@@ -1,0 +1,199 @@
+"""The sparse MoE layer of MoE-LLaVA (Lin et al. 2024, arXiv 2401.15947; DESIGN section 2.1).
+
+    z = W_r x                     router Linear(d, E, no bias), computed in fp32
+    p = softmax(z)                top-k of p, the k weights renormalised to sum to 1
+    y = sum_j w_j * expert_{e_j}(x)  [+ shared(x), optionally scaled by sigmoid(g . x)]
+
+Experts are stored as stacked weights (E, ...) and dispatched by transformers' experts kernels
+(`transformers.integrations.moe`): "grouped_mm" sorts the token-expert pairs by expert and runs one
+grouped matmul per projection; "eager" is the naive per-expert loop of transformers' Mixtral block,
+kept as the reference and as the benchmark baseline. No Python loop over tokens on the default path.
+
+Routing never samples: top-k is taken on the probabilities at training and at evaluation alike.
+Padding tokens (the `token_mask` set by the VLM before each forward) are not routed: they get weight
+0, take no capacity and count in neither the balance loss nor the statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.integrations.moe import use_experts_implementation
+
+
+@dataclass
+class ExpertsConfig:
+    """What transformers' experts dispatcher reads: which kernel to use."""
+
+    _experts_implementation: str = "grouped_mm"
+
+
+def default_implementation() -> str:
+    """grouped_mm where torch has a grouped matmul (torch >= 2.9 on CPU and CUDA), else the eager loop."""
+    has = hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
+    return "grouped_mm" if has else "eager"
+
+
+def _eager_experts(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """The naive reference: a Python loop over the experts that received tokens (as Mixtral's eager block)."""
+    out = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        hit = torch.nn.functional.one_hot(top_k_index, module.num_experts).sum((0, 1)).nonzero().flatten()
+    for e in hit.tolist():
+        tok, slot = torch.where(top_k_index == e)
+        h = module.expert(e, hidden_states[tok]) * top_k_weights[tok, slot, None]
+        out.index_add_(0, tok, h.to(out.dtype))
+    return out
+
+
+@use_experts_implementation(has_gate=True, has_bias=False)
+class GatedExperts(nn.Module):
+    """E SwiGLU FFNs (Qwen2 / Llama / StableLM): down(act(gate(x)) * up(x)), weights stacked."""
+
+    def __init__(self, config: ExpertsConfig, num_experts: int, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))  # (E, 2f, d)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))  # (E, d, f)
+        self.act_fn = ACT2FN[act]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = nn.functional.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e])
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return _eager_experts(self, hidden_states, top_k_index, top_k_weights)
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class PlainExperts(nn.Module):
+    """E two-layer FFNs with biases (Phi's fc1 / fc2): down(act(up(x)))."""
+
+    def __init__(self, config: ExpertsConfig, num_experts: int, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.num_experts = num_experts
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))  # (E, f, d)
+        self.up_proj_bias = nn.Parameter(torch.empty(num_experts, intermediate))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))  # (E, d, f)
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden))
+        self.act_fn = ACT2FN[act]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(nn.functional.linear(x, self.up_proj[e], self.up_proj_bias[e]))
+        return nn.functional.linear(h, self.down_proj[e], self.down_proj_bias[e])
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return _eager_experts(self, hidden_states, top_k_index, top_k_weights)
+
+
+@dataclass
+class Routing:
+    """One forward's routing decisions and the quantities derived from them (valid tokens only)."""
+
+    probs: torch.Tensor  # (N, E) fp32 router probabilities
+    index: torch.Tensor  # (N, k) chosen experts, best first
+    weight: torch.Tensor  # (N, k) renormalised weights, 0 where the pair is dropped or the token is padding
+    valid: torch.Tensor  # (N,) bool, False for padding
+    kept: torch.Tensor  # (N, k) bool, pair processed (valid and within capacity)
+    aux_loss: torch.Tensor  # E * sum_i f_i * P_i
+    z_loss: torch.Tensor  # mean logsumexp(z)^2
+
+
+def capacity_keep(index: torch.Tensor, valid: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
+    """(N, k) bool: the pairs that fit in capacity ceil(S / E * cf * k) per expert, S = valid tokens.
+
+    Priority as in MoE-LLaVA's DeepSpeed gating: every token's first choice before any second choice,
+    and within one choice rank, tokens in sequence order.
+    """
+    n, k = index.shape
+    s = int(valid.sum())
+    capacity = math.ceil(s / num_experts * capacity_factor * k)
+    order = index.t().reshape(-1)  # (k*N,) choice-major
+    take = valid.repeat(k)  # (k*N,)
+    onehot = nn.functional.one_hot(order, num_experts) * take[:, None]  # (k*N, E)
+    rank = (onehot.cumsum(0) - 1).gather(1, order[:, None]).squeeze(1)  # place in its expert's queue
+    keep = take & (rank < capacity)
+    return keep.view(k, n).t()
+
+
+def route(logits: torch.Tensor, valid: torch.Tensor, top_k: int, capacity_factor: float | None) -> Routing:
+    """Softmax, top-k, renormalise, optional capacity; balance and z losses over valid tokens."""
+    num_experts = logits.shape[-1]
+    probs = logits.softmax(-1)  # (N, E)
+    top_p, index = probs.topk(top_k, dim=-1)  # (N, k)
+    weight = top_p / top_p.sum(-1, keepdim=True)
+    kept = valid[:, None].expand_as(index)
+    if capacity_factor is not None:
+        kept = capacity_keep(index, valid, num_experts, capacity_factor)
+    weight = weight * kept
+    v = valid.float()
+    n_valid = v.sum().clamp(min=1.0)
+    first = nn.functional.one_hot(index[:, 0], num_experts).float()  # (N, E) first choices
+    f = (first * v[:, None]).sum(0) / n_valid  # fraction of valid tokens whose first choice is i
+    p_mean = (probs * v[:, None]).sum(0) / n_valid  # mean router probability of i
+    aux = num_experts * (f * p_mean).sum()
+    z = ((torch.logsumexp(logits, -1) ** 2) * v).sum() / n_valid
+    return Routing(probs, index, weight, valid, kept, aux, z)
+
+
+class MoEBlock(nn.Module):
+    """A sparse MoE FFN that replaces a decoder layer's MLP: router, E experts, optional shared expert."""
+
+    def __init__(self, experts: nn.Module, hidden: int, top_k: int, *, capacity_factor: float | None = None,
+                 eval_capacity_factor: float | None = None, shared: nn.Module | None = None,
+                 shared_gate: bool = False):
+        super().__init__()
+        self.num_experts = experts.num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.router = nn.Linear(hidden, self.num_experts, bias=False, dtype=torch.float32)
+        self.experts = experts
+        self.shared_expert = shared
+        self.shared_gate = nn.Linear(hidden, 1, bias=False) if (shared is not None and shared_gate) else None
+        self.token_mask: torch.Tensor | None = None  # (B, T) set by the VLM; None = every token is real
+        self.last: Routing | None = None  # the routing of the latest forward, for losses and statistics
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.linear(x.float(), self.router.weight.float())  # (N, E) fp32
+
+    def _valid(self, shape: torch.Size, device) -> torch.Tensor:
+        b, t = shape[0], shape[1]
+        m = self.token_mask
+        if m is None or m.shape[0] != b or m.shape[1] < t:
+            return torch.ones(b * t, dtype=torch.bool, device=device)
+        return m[:, -t:].reshape(-1).to(device=device, dtype=torch.bool)  # decoding: the newest columns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (B, T, d)
+        flat = x.reshape(-1, shape[-1])  # (N, d)
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        r = route(self.router_logits(flat), self._valid(shape, x.device), self.top_k, cf)
+        self.last = r
+        out = self.experts(flat, r.index, r.weight.to(flat.dtype))  # (N, d)
+        if self.shared_expert is not None:
+            s = self.shared_expert(flat)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate(flat)) * s
+            out = out + s
+        return out.view(shape)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """Expert load (share of processed pairs per expert), router entropy, dropped fraction."""
+        r = self.last
+        if r is None:
+            return {}
+        with torch.no_grad():
+            v = r.valid.float()
+            n_valid = v.sum().clamp(min=1.0)
+            counts = nn.functional.one_hot(r.index, self.num_experts).mul(r.kept[..., None]).sum((0, 1)).float()
+            load = counts / counts.sum().clamp(min=1.0)
+            entropy = -(r.probs * r.probs.clamp(min=1e-12).log()).sum(-1)
+            entropy = (entropy * v).sum() / n_valid
+            dropped = 1.0 - r.kept.sum() / (n_valid * self.top_k)
+        return {"load": load, "entropy": entropy, "dropped": dropped}

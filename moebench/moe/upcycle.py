@@ -1,0 +1,163 @@
+"""Upcycling (MoE-LLaVA stage III): chosen decoder FFNs become MoE blocks of E exact copies.
+
+Works on the LLM families moebench builds: SwiGLU MLPs with gate_proj / up_proj / down_proj (Qwen2,
+Llama, StableLM) and Phi's GELU MLP with biased fc1 / fc2. With every expert a copy of the dense FFN
+and the top-k weights renormalised to 1, the upcycled model computes the dense model's function.
+
+A shared expert is also a copy of the dense FFN, with its output projection zeroed so that the
+function is still the dense one at upcycling; it learns its contribution during stage III.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moebench.config import MoEConfig
+from moebench.errors import UserError
+from moebench.moe.layer import ExpertsConfig, GatedExperts, MoEBlock, PlainExperts, default_implementation
+
+
+def moe_layer_indices(spec, num_layers: int) -> list[int]:
+    """every_other (0, 2, 4, ...), first_half, second_half, all, or an explicit list of indices."""
+    if isinstance(spec, list):
+        bad = [i for i in spec if not 0 <= i < num_layers]
+        if bad:
+            raise UserError(f"moe.layers: index {bad[0]} is out of range for an LLM with {num_layers} layers "
+                            f"(use 0..{num_layers - 1})")
+        return sorted(set(spec))
+    half = num_layers // 2
+    return {"every_other": list(range(0, num_layers, 2)), "first_half": list(range(half)),
+            "second_half": list(range(half, num_layers)), "all": list(range(num_layers))}[spec]
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    return llm.model.layers
+
+
+def _experts_from(mlp: nn.Module, num_experts: int, act: str, impl: str, empty: bool = False) -> nn.Module:
+    """Stacked experts, each a copy of `mlp` (or uninitialised shapes only, when `empty`)."""
+    cfg = ExpertsConfig(impl)
+    if hasattr(mlp, "gate_proj"):  # SwiGLU
+        f, d = mlp.gate_proj.weight.shape
+        ex = GatedExperts(cfg, num_experts, d, f, act)
+        if not empty:
+            with torch.no_grad():
+                w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0)  # (2f, d)
+                ex.gate_up_proj.copy_(w.expand(num_experts, -1, -1))
+                ex.down_proj.copy_(mlp.down_proj.weight.expand(num_experts, -1, -1))
+    elif hasattr(mlp, "fc1"):  # Phi
+        f, d = mlp.fc1.weight.shape
+        ex = PlainExperts(cfg, num_experts, d, f, act)
+        if not empty:
+            with torch.no_grad():
+                ex.up_proj.copy_(mlp.fc1.weight.expand(num_experts, -1, -1))
+                ex.up_proj_bias.copy_(mlp.fc1.bias.expand(num_experts, -1))
+                ex.down_proj.copy_(mlp.fc2.weight.expand(num_experts, -1, -1))
+                ex.down_proj_bias.copy_(mlp.fc2.bias.expand(num_experts, -1))
+    else:
+        raise UserError(f"cannot upcycle {type(mlp).__name__}: moebench knows SwiGLU (gate_proj/up_proj/down_proj) "
+                        "and Phi (fc1/fc2) FFNs")
+    return ex.to(device=_device(mlp), dtype=_dtype(mlp))
+
+
+def _device(m: nn.Module):
+    return next(m.parameters()).device
+
+
+def _dtype(m: nn.Module):
+    return next(m.parameters()).dtype
+
+
+def _shared_from(mlp: nn.Module) -> nn.Module:
+    import copy
+
+    shared = copy.deepcopy(mlp)
+    out = shared.down_proj if hasattr(shared, "down_proj") else shared.fc2
+    with torch.no_grad():
+        out.weight.zero_()
+        if out.bias is not None:
+            out.bias.zero_()
+    return shared
+
+
+def upcycle(llm: nn.Module, cfg: MoEConfig, *, implementation: str | None = None, empty: bool = False) -> list[int]:
+    """Replace the chosen FFNs of `llm` by MoE blocks in place; return the MoE layer indices.
+
+    `empty` builds the structure only (for loading a saved MoE checkpoint or planning on meta).
+    The router starts at zero in neither case: it is initialised like a Linear layer (random), as
+    in MoE-LLaVA, so the copies start receiving different tokens and gradients.
+    """
+    layers = decoder_layers(llm)
+    if cfg.top_k > cfg.num_experts:
+        raise UserError(f"moe.top_k={cfg.top_k} is larger than moe.num_experts={cfg.num_experts}; "
+                        "choose top_k <= num_experts")
+    indices = moe_layer_indices(cfg.layers, len(layers))
+    impl = implementation or cfg.implementation or default_implementation()
+    act = llm.config.hidden_act
+    hidden = llm.config.hidden_size
+    for i in indices:
+        mlp = layers[i].mlp
+        if isinstance(mlp, MoEBlock):
+            raise UserError(f"layer {i} is already an MoE layer; upcycle a dense model")
+        experts = _experts_from(mlp, cfg.num_experts, act, impl, empty=empty)
+        shared = None if cfg.shared_expert == "none" else _shared_from(mlp)
+        block = MoEBlock(experts, hidden, cfg.top_k, capacity_factor=cfg.capacity_factor,
+                         eval_capacity_factor=cfg.eval_capacity_factor, shared=shared,
+                         shared_gate=cfg.shared_expert == "gated").to(_device(mlp))
+        if block.shared_gate is not None:
+            block.shared_gate.to(_dtype(mlp))
+        layers[i].mlp = block
+    return indices
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[int, MoEBlock]]:
+    """(decoder layer index, block) for every MoE block of a VLM or an LLM."""
+    llm = getattr(model, "llm", model)
+    return [(i, layer.mlp) for i, layer in enumerate(decoder_layers(llm)) if isinstance(layer.mlp, MoEBlock)]
+
+
+def set_token_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
+    for _, block in moe_blocks(model):
+        block.token_mask = mask
+
+
+def moe_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(sum of balance losses, sum of z losses) over MoE layers from the latest forward; None if dense."""
+    blocks = [b for _, b in moe_blocks(model) if b.last is not None]
+    if not blocks:
+        return None, None
+    return sum(b.last.aux_loss for b in blocks), sum(b.last.z_loss for b in blocks)
+
+
+class LoadCounter:
+    """Counts, per MoE layer, the token-expert pairs processed while active (padding excluded)."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks = moe_blocks(model)
+        self.counts = {i: torch.zeros(b.num_experts, dtype=torch.float64) for i, b in self.blocks}
+        self.handles = []
+
+    def _hook(self, i: int):
+        def hook(block: MoEBlock, args, output):
+            r = block.last
+            pairs = nn.functional.one_hot(r.index, block.num_experts).mul(r.kept[..., None]).sum((0, 1))
+            self.counts[i] += pairs.detach().cpu().double()
+
+        return hook
+
+    def __enter__(self):
+        self.handles = [b.register_forward_hook(self._hook(i)) for i, b in self.blocks]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def reset(self) -> None:
+        for c in self.counts.values():
+            c.zero_()
+
+    def load(self) -> dict[str, list[float]]:
+        """{layer: share of pairs per expert}; empty for a dense model."""
+        return {str(i): (c / c.sum().clamp(min=1)).tolist() for i, c in self.counts.items()}
