@@ -148,6 +148,19 @@ class MoEConfig:
 
 
 @dataclass
+class STGCConfig:
+    """STGC (arXiv 2406.19905): flag routed tokens whose gradient conflicts with their expert's mean
+    gradient and push the router away from sending them there. Needs a `moe:` section."""
+
+    threshold: float = 0.0  # tau: a (token, expert) pair conflicts when its gradient cosine is below it
+    coef: float = 1.0  # lambda of the conflict elimination loss
+    # output = gradient of the loss at the expert's output (cheap proxy); exact = per-token gradients
+    # of the expert's parameters (reference for small models)
+    gradient: Literal["output", "exact"] = "output"
+    layers: list[int] | None = None  # decoder layers with STGC; None = every MoE layer
+
+
+@dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["pope", "gqa"])
     batch_size: int = 16
@@ -159,12 +172,13 @@ class EvalConfig:
 class Recipe:
     name: str = ""
     seed: int = 0
-    variant: Literal["dense", "moe"] = "dense"
+    variant: Literal["dense", "moe", "stgc"] = "dense"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=list)
     moe: MoEConfig | None = None
+    stgc: STGCConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def stage(self, name: str) -> StageConfig:
@@ -412,6 +426,7 @@ def validate(recipe: Recipe) -> None:
         if llm.heads % llm.kv_heads:
             raise UserError(f"model.llm.heads={llm.heads} must be divisible by kv_heads={llm.kv_heads}")
     _validate_moe(recipe)
+    _validate_stgc(recipe)
     if recipe.eval.batch_size < 1:
         raise UserError(f"eval.batch_size={recipe.eval.batch_size} must be >= 1")
 
@@ -446,6 +461,49 @@ def _validate_moe(recipe: Recipe) -> None:
             raise UserError("moe.layers is an empty list; name at least one decoder layer")
 
 
+def tokenizer_corpus(recipe: Recipe) -> list[tuple[str, int | None]]:
+    """The (data file, max_samples) pairs a trained tokenizer learns from: each stage's, once each.
+
+    Part of every stage key (the tokenizer is saved with stage 0's checkpoint), so two recipes share
+    cached stages only when they would train the same tokenizer.
+    """
+    if recipe.model.tokenizer.pretrained or recipe.model.llm.pretrained:
+        return []
+    return list(dict.fromkeys((s.data, s.max_samples) for s in recipe.stages))
+
+
+def moe_layer_indices(spec, num_layers: int) -> list[int]:
+    """every_other (0, 2, 4, ...), first_half, second_half, all, or an explicit list of indices."""
+    if isinstance(spec, list):
+        bad = [i for i in spec if not 0 <= i < num_layers]
+        if bad:
+            raise UserError(f"moe.layers: index {bad[0]} is out of range for an LLM with {num_layers} layers "
+                            f"(use 0..{num_layers - 1})")
+        return sorted(set(spec))
+    half = num_layers // 2
+    return {"every_other": list(range(0, num_layers, 2)), "first_half": list(range(half)),
+            "second_half": list(range(half, num_layers)), "all": list(range(num_layers))}[spec]
+
+
+def _validate_stgc(recipe: Recipe) -> None:
+    g = recipe.stgc
+    if recipe.variant == "stgc" and g is None:
+        raise UserError("variant=stgc needs an `stgc:` section")
+    if g is None:
+        return
+    if recipe.moe is None or upcycle_index(recipe) is None:
+        raise UserError("stgc: works on MoE layers; add a `moe:` section and a stage with `upcycle: true`")
+    if g.coef < 0:
+        raise UserError(f"stgc.coef={g.coef} must be >= 0")
+    if not -1.0 <= g.threshold <= 1.0:
+        raise UserError(f"stgc.threshold={g.threshold} is a cosine similarity; choose a value in [-1, 1]")
+    if g.layers is not None and recipe.model.llm.pretrained is None:
+        moe = moe_layer_indices(recipe.moe.layers, recipe.model.llm.layers)
+        bad = [i for i in g.layers if i not in moe]
+        if bad:
+            raise UserError(f"stgc.layers has {bad[0]}, which is not an MoE layer; MoE layers are {moe}")
+
+
 def upcycle_index(recipe: Recipe) -> int | None:
     """The index of the stage that upcycles the model, or None for a dense recipe."""
     return next((i for i, s in enumerate(recipe.stages) if s.upcycle), None)
@@ -476,10 +534,13 @@ def stage_key(recipe: Recipe, index: int, data_hash: str) -> str:
         "seed": recipe.seed,
         "precision": recipe.precision,
         "format": STAGE_FORMAT,
+        "tokenizer_corpus": tokenizer_corpus(recipe),
     }
     up = upcycle_index(recipe)
     if up is not None and index >= up:  # stages before the upcycling one are shared with the dense recipe
         part["moe"] = to_dict(recipe.moe)
+        if recipe.stgc is not None:
+            part["stgc"] = to_dict(recipe.stgc)
     return _digest(part)
 
 

@@ -114,3 +114,36 @@ def test_plan_cli_on_the_embedded_recipe(capsys):
     p = json.loads(out)
     assert p["llm"]["moe_layers"] == [0, 2] and p["activated"] < p["total"]
     assert p["flops_per_token"]["total"] > 0
+
+
+def test_stage_keys_follow_the_tokenizer_corpus():
+    """A trained tokenizer learns from every stage's data, so a new data file changes stage 0's key."""
+    dense = load_recipe(RECIPE)
+    other = load_recipe(MOE, ["stages.moe.data=llava/other.json"])
+    assert stage_key(dense, 0, "h") != stage_key(other, 0, "h")
+    assert stage_key(dense, 0, "h") == stage_key(load_recipe(MOE), 0, "h")  # same files, same tokenizer
+
+
+STGC_RECIPE = REPO / "recipes" / "shapes_stgc.yaml"
+
+
+@pytest.mark.parametrize("recipe, override, message", [
+    (RECIPE, "stgc.coef=1", "stgc: works on MoE layers; add a `moe:` section"),
+    (STGC_RECIPE, "stgc.coef=-0.5", "stgc.coef=-0.5 must be >= 0"),
+    (STGC_RECIPE, "stgc.threshold=1.5", "stgc.threshold=1.5 is a cosine similarity; choose a value in [-1, 1]"),
+    (STGC_RECIPE, "stgc.gradient=full", "stgc.gradient='full' is not allowed"),
+    (STGC_RECIPE, "stgc.layers=[1]", "stgc.layers has 1, which is not an MoE layer; MoE layers are [0, 2]"),
+])
+def test_bad_stgc_config(recipe, override, message, capsys):
+    with pytest.raises(UserError) as e:
+        load_recipe(recipe, [override])
+    assert message in str(e.value)
+    code, _, err = run_cli(["train", recipe, override], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_stgc_shares_stages_with_moe_up_to_stage_iii():
+    moe, stgc = load_recipe(MOE), load_recipe(STGC_RECIPE)
+    assert [s.name for s in stgc.stages] == [s.name for s in moe.stages]
+    assert all(stage_key(moe, i, "h") == stage_key(stgc, i, "h") for i in range(3))
+    assert stage_key(moe, 3, "h") != stage_key(stgc, 3, "h")

@@ -128,3 +128,22 @@ def test_moe_recipe_trains_on_the_dense_stages_and_records_routing(capsys, tmp_p
                             "--results", tmp_path / "r2", "--no-progress"], capsys)
     assert code == 0, err
     assert _metrics(tmp_path / "r2", run_dir.name) == first
+
+
+def test_stgc_recipe_logs_conflicts_per_layer(capsys, tmp_path):
+    import json
+
+    from conftest import REPO, TINY
+
+    runs, res = tmp_path / "runs", tmp_path / "results"
+    tiny = [*TINY, "stages.moe.max_steps=2", "stages.moe.batch_size=8", "stages.moe.log_every=1"]
+    code, _, err = run_cli(["train", REPO / "recipes" / "shapes_stgc.yaml", *tiny, "stgc.gradient=exact",
+                            "--runs", runs, "--results", res, "--no-progress"], capsys)
+    assert code == 0, err
+    steps = [r for r in results.read_rows([res], "train") if r["stage"] == "moe"]
+    assert len(steps) == 2
+    extra = json.loads(steps[-1]["extra"])
+    assert sorted(extra["conflict_rate"]) == ["0"] and 0 <= extra["conflict_rate"]["0"] <= 1
+    assert -1 <= extra["grad_cos"]["0"] <= 1 and "stgc_loss" in extra
+    rows = [r for r in results.read_rows([res], "metrics")]
+    assert rows and all(r["variant"] == "stgc" for r in rows)

@@ -78,3 +78,96 @@ def bench_moe_layer(*, experts: int = 4, top_k: int = 2, hidden: int = 512, ffn:
         "seconds": med,
         "ratio_to_dense": {n: v / base for n, v in med.items()},
     }
+
+
+def bench_stgc(recipe, *, model_dir=None, steps: int = 8, batch_size: int = 8, progress: bool = True) -> dict:
+    """STGC's training-step cost against plain MoE, and how well `output` conflicts track `exact` ones.
+
+    On the recipe's stage-III data: each batch runs a plain MoE step (loss + backward), an STGC step in
+    `output` mode and one in `exact` mode, interleaved, without optimizer updates (the weights stay the
+    same for all three). The Pearson correlation between the two modes' gradient cosines is taken over
+    every routed pair of every MoE layer, on the same forward and backward.
+    """
+    import dataclasses
+
+    from moebench.config import upcycle_index
+    from moebench.data.conversations import ConversationDataset, Encoder, collate, read_conversations
+    from moebench.data.sources import resolve
+    from moebench.errors import UserError
+    from moebench.models.build import build_vlm
+    from moebench.models.checkpoint import load_vlm
+    from moebench.moe.stgc import STGC, conflicts
+    from moebench.moe.upcycle import moe_blocks, upcycle
+    from moebench.train.pipeline import _param_groups, make_loss_fn, make_tokenizer
+
+    up = upcycle_index(recipe)
+    if up is None or recipe.moe is None:
+        raise UserError(f"recipe {recipe.name} has no MoE stage; give an MoE or STGC recipe")
+    stage = recipe.stages[up]
+    src = resolve(recipe.data.source, recipe.data.world, progress=progress)
+    if model_dir is not None:
+        model, tokenizer, _ = load_vlm(model_dir)
+    else:
+        tokenizer = make_tokenizer(recipe, src)
+        model = build_vlm(recipe.model, tokenizer)
+    if not moe_blocks(model):
+        upcycle(model.llm, recipe.moe)
+    encoder = Encoder(tokenizer, model.num_image_tokens, model.image_token_id, system=recipe.model.system,
+                      max_len=stage.max_len)
+    items = read_conversations(src.root / stage.data, steps * batch_size)
+    dataset = ConversationDataset(items, src.root / stage.images, encoder, stage.template, recipe.model.vision)
+    batches = [collate([dataset[i] for i in range(b * batch_size, min(len(dataset), (b + 1) * batch_size))],
+                       tokenizer.pad_token_id) for b in range(steps)]
+    groups = _param_groups(model, stage)
+    params = [p for _, ps, _ in groups for p in ps]
+    loss_fn = make_loss_fn(recipe.moe)
+    base_cfg = recipe.stgc or _default_stgc()
+    modes = {"moe": None, "stgc_output": dataclasses.replace(base_cfg, gradient="output"),
+             "stgc_exact": dataclasses.replace(base_cfg, gradient="exact")}
+    model.train()
+
+    def step(batch, cfg):
+        for p in params:
+            p.grad = None
+        stgc = STGC(cfg, moe_blocks(model)) if cfg else None
+        loss, _ = loss_fn(model, batch)
+        loss.backward()
+        if stgc:
+            stgc.after_backward()
+            stgc.close()
+
+    step(batches[0], modes["stgc_exact"])  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    out_cos, exact_cos = [], []
+    for batch in batches:
+        for name, cfg in modes.items():
+            t = time.perf_counter()
+            step(batch, cfg)
+            times[name].append(time.perf_counter() - t)
+        # both modes' cosines from one forward and backward
+        stgc = STGC(modes["stgc_output"], moe_blocks(model))
+        loss, _ = loss_fn(model, batch)
+        loss.backward()
+        for _, b in stgc.blocks:
+            kept = b.last.kept
+            out_cos.append(conflicts(b, "output", 0.0)[1][kept])
+            exact_cos.append(conflicts(b, "exact", 0.0)[1][kept])
+        stgc.close()
+    o, e = torch.cat(out_cos), torch.cat(exact_cos)
+    pearson = torch.corrcoef(torch.stack([o, e]))[0, 1].item()
+    agree = ((o < base_cfg.threshold) == (e < base_cfg.threshold)).float().mean().item()
+    med = {n: statistics.median(v) for n, v in times.items()}
+    return {
+        "recipe": recipe.name, "model": str(model_dir) if model_dir else "untrained (upcycled at init)",
+        "steps": steps, "batch_size": batch_size, "pairs": int(o.numel()), "threads": torch.get_num_threads(),
+        "seconds_per_step": med, "ratio_to_moe": {n: v / med["moe"] for n, v in med.items()},
+        "pearson_output_vs_exact": pearson, "flag_agreement": agree,
+        "conflict_rate": {"output": (o < base_cfg.threshold).float().mean().item(),
+                          "exact": (e < base_cfg.threshold).float().mean().item()},
+    }
+
+
+def _default_stgc():
+    from moebench.config import STGCConfig
+
+    return STGCConfig()

@@ -68,6 +68,16 @@ class GatedExperts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return _eager_experts(self, hidden_states, top_k_index, top_k_weights)
 
+    def grad_pieces(self, e: int, x: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-token parameter gradients of expert e as (input u, output gradient v) per linear map:
+        token t's gradient of that weight is v_t u_t^T. `v` is dL/d(expert output) per token."""
+        pre = nn.functional.linear(x, self.gate_up_proj[e].detach()).requires_grad_(True)  # (n, 2f)
+        gate, up = pre.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up  # (n, f)
+        y = nn.functional.linear(h, self.down_proj[e].detach())  # (n, d)
+        (d_pre,) = torch.autograd.grad(y, pre, v)
+        return [(x, d_pre), (h.detach(), v)]
+
 
 @use_experts_implementation(has_gate=False, has_bias=True)
 class PlainExperts(nn.Module):
@@ -88,6 +98,15 @@ class PlainExperts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return _eager_experts(self, hidden_states, top_k_index, top_k_weights)
+
+    def grad_pieces(self, e: int, x: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """As GatedExperts.grad_pieces; a bias is a linear map of the constant input 1."""
+        pre = nn.functional.linear(x, self.up_proj[e].detach(), self.up_proj_bias[e].detach()).requires_grad_(True)
+        h = self.act_fn(pre)  # (n, f)
+        y = nn.functional.linear(h, self.down_proj[e].detach(), self.down_proj_bias[e].detach())
+        (d_pre,) = torch.autograd.grad(y, pre, v)
+        one = x.new_ones(x.shape[0], 1)
+        return [(x, d_pre), (one, d_pre), (h.detach(), v), (one, v)]
 
 
 @dataclass
@@ -157,6 +176,10 @@ class MoEBlock(nn.Module):
         self.shared_gate = nn.Linear(hidden, 1, bias=False) if (shared is not None and shared_gate) else None
         self.token_mask: torch.Tensor | None = None  # (B, T) set by the VLM; None = every token is real
         self.last: Routing | None = None  # the routing of the latest forward, for losses and statistics
+        # STGC: keep the router input and, after backward, the loss gradient at this block's output
+        self.capture_grads = False
+        self.saved_input: torch.Tensor | None = None  # (N, d) detached
+        self.saved_grad: torch.Tensor | None = None  # (N, d) dL/d(output)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
@@ -181,7 +204,13 @@ class MoEBlock(nn.Module):
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(flat)) * s
             out = out + s
+        if self.capture_grads and self.training and out.requires_grad:
+            self.saved_input, self.saved_grad = flat.detach(), None
+            out.register_hook(self._save_grad)
         return out.view(shape)
+
+    def _save_grad(self, grad: torch.Tensor) -> None:
+        self.saved_grad = grad.detach()
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """Expert load (share of processed pairs per expert), router entropy, dropped fraction."""

@@ -13,22 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moebench.config import MoEConfig
+from moebench.config import MoEConfig, moe_layer_indices
 from moebench.errors import UserError
 from moebench.moe.layer import ExpertsConfig, GatedExperts, MoEBlock, PlainExperts, default_implementation
-
-
-def moe_layer_indices(spec, num_layers: int) -> list[int]:
-    """every_other (0, 2, 4, ...), first_half, second_half, all, or an explicit list of indices."""
-    if isinstance(spec, list):
-        bad = [i for i in spec if not 0 <= i < num_layers]
-        if bad:
-            raise UserError(f"moe.layers: index {bad[0]} is out of range for an LLM with {num_layers} layers "
-                            f"(use 0..{num_layers - 1})")
-        return sorted(set(spec))
-    half = num_layers // 2
-    return {"every_other": list(range(0, num_layers, 2)), "first_half": list(range(half)),
-            "second_half": list(range(half, num_layers)), "all": list(range(num_layers))}[spec]
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:

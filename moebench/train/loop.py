@@ -78,6 +78,7 @@ def run_stage(
     log: Callable[[list[dict]], None],
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
+    after_backward: Callable[[float], dict] | None = None,
 ) -> StageResult:
     """Train `module` for one stage. `param_groups` are (name, params, lr); `log` receives training rows."""
     n = len(dataset)
@@ -115,6 +116,8 @@ def run_stage(
                 with autocast:
                     loss, logs = loss_fn(module, batch)
                 (loss / stage.grad_accum).backward()
+                if after_backward is not None:  # e.g. STGC: losses that need this step's gradients
+                    logs = {**logs, **after_backward(1.0 / stage.grad_accum)}
                 acc_loss += loss.item() / stage.grad_accum
                 acc_tokens += int(batch["attention_mask"].sum())
                 for k, v in logs.items():
@@ -159,7 +162,7 @@ def _extra(acc_logs: dict, k: int) -> dict | None:
     out: dict = {}
     for key, v in acc_logs.items():
         if key in ("lm_loss", "aux_loss"):
-            continue
+            continue  # columns of their own
         name, _, layer = key.partition("/")
         value = (v / k).tolist()
         if layer:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from moebench import results
-from moebench.config import MoEConfig, Recipe, StageConfig, recipe_hash, stage_key, to_dict, upcycle_index
+from moebench.config import MoEConfig, Recipe, StageConfig, recipe_hash, stage_key, to_dict, tokenizer_corpus, upcycle_index
 from moebench.data.conversations import ConversationDataset, Encoder, collate, read_conversations
 from moebench.data.sources import DataSource, file_hash, resolve
 from moebench.errors import UserError
@@ -52,8 +52,8 @@ def make_tokenizer(recipe: Recipe, src: DataSource):
     if name:
         return load_tokenizer(name)
     texts = [SHORT_ANSWER, "USER: ASSISTANT:"]
-    for s in recipe.stages:
-        for item in read_conversations(src.root / s.data, s.max_samples):
+    for data, max_samples in tokenizer_corpus(recipe):
+        for item in read_conversations(src.root / data, max_samples):
             texts += [t["value"].replace("<image>", "") for t in item["conversations"]]
     return train_tokenizer(texts, tcfg.vocab_size)
 
@@ -168,10 +168,19 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
                 _say(True, f"upcycled FFNs of layers {layers} into {recipe.moe.num_experts} experts "
                                f"(top-{recipe.moe.top_k})")
             module, groups, loss_fn = model, _param_groups(model, stage), make_loss_fn(recipe.moe)
+        stgc = None
+        if recipe.stgc is not None and _upcycled(recipe, i):
+            from moebench.moe.stgc import STGC
+            from moebench.moe.upcycle import moe_blocks
+
+            stgc = STGC(recipe.stgc, moe_blocks(model))
         _say(progress, f"[bold]stage {i} {stage.name}[/]: {len(dataset)} samples, training {stage.train}")
         res = run_stage(module, groups, loss_fn, dataset, lambda b: collate(b, tokenizer.pad_token_id), stage,
                         seed=recipe.seed, work_dir=dirs[i], resume=resume, device=device,
-                        precision=recipe.precision, log=log, on_step=on_step, progress=progress)
+                        precision=recipe.precision, log=log, on_step=on_step, progress=progress,
+                        after_backward=stgc.after_backward if stgc else None)
+        if stgc:
+            stgc.close()
         save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss},
                  moe=recipe.moe if _upcycled(recipe, i) else None)
         (dirs[i] / "stage.json").write_text(json.dumps({"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
