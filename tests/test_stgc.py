@@ -125,3 +125,22 @@ def test_bench_stgc_on_a_tiny_recipe():
     assert set(r["ratio_to_moe"]) == {"moe", "stgc_output", "stgc_exact"} and r["ratio_to_moe"]["moe"] == 1.0
     assert r["pairs"] > 0 and -1.0 <= r["pearson_output_vs_exact"] <= 1.0
     assert 0.0 <= r["flag_agreement"] <= 1.0
+
+
+@pytest.mark.parametrize("gradient", ["output", "exact"])
+def test_padding_never_counts(gradient):
+    """Padding tokens with huge gradients change neither the real tokens' cosines nor the flags."""
+    block = _block(top_k=2)
+    x = torch.randn(10, D)
+    g = torch.randn(10, D)
+    logits = torch.randn(10, E)
+    block.last = route(logits, torch.ones(10, dtype=torch.bool), 2, None)
+    block.saved_input, block.saved_grad = x, g
+    flags, cos = conflicts(block, gradient, 0.0)
+    xp, gp = torch.cat([torch.randn(4, D), x]), torch.cat([torch.randn(4, D) * 100, g])
+    valid = torch.cat([torch.zeros(4, dtype=torch.bool), torch.ones(10, dtype=torch.bool)])
+    block.last = route(torch.cat([torch.randn(4, E), logits]), valid, 2, None)
+    block.saved_input, block.saved_grad = xp, gp
+    flags_p, cos_p = conflicts(block, gradient, 0.0)
+    assert not flags_p[:4].any()
+    assert torch.equal(flags_p[4:], flags) and torch.allclose(cos_p[4:], cos, atol=1e-5)
