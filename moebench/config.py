@@ -113,6 +113,7 @@ class StageConfig:
     images: str = ""  # image folder, relative to the data root
     template: Literal["chat", "plain"] = "chat"  # "plain" = image then caption (LLaVA stage I)
     upcycle: bool = False  # MoE-Tuning stage III: turn the FFNs named in `moe:` into experts first
+    add_roe: bool = False  # RoE: wrap the routable layers named in `roe:` (adapters, routers) first
     train: list[str] = field(default_factory=list)
     lr: float = 2e-5
     lr_scale: dict[str, float] = field(default_factory=dict)  # per-module lr multipliers
@@ -161,6 +162,20 @@ class STGCConfig:
 
 
 @dataclass
+class RoEConfig:
+    """RoE (Routing Experts): each routable LLM layer may be skipped per example, through an adapter."""
+
+    target_skip: float = 0.3  # rho, the target share of routable layers an example skips
+    reg_coef: float = 1.0  # lambda of the structure-sparsity regulariser
+    adapter_rank: int | None = None  # r of the adapter shortcut; None = hidden_size / 2
+    layers: list[int] | None = None  # routable decoder layers; None = all but the first and the last
+    temp_start: float = 1.0  # routing temperature at the end of the warm-up ...
+    temp_end: float = 0.1  # ... annealed (exponentially) to this at the end of the stage
+    warmup_fraction: float = 0.3  # first 30% of the stage: adapters only, random hard skips
+    tune_fraction: float = 0.5  # from here on the LLM trains too (at the stage's lr_scale.llm)
+
+
+@dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["pope", "gqa"])
     batch_size: int = 16
@@ -172,13 +187,14 @@ class EvalConfig:
 class Recipe:
     name: str = ""
     seed: int = 0
-    variant: Literal["dense", "moe", "stgc"] = "dense"
+    variant: Literal["dense", "moe", "stgc", "roe"] = "dense"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=list)
     moe: MoEConfig | None = None
     stgc: STGCConfig | None = None
+    roe: RoEConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def stage(self, name: str) -> StageConfig:
@@ -188,8 +204,9 @@ class Recipe:
         raise UserError(f"no stage named {name!r}; stages are {[s.name for s in self.stages]}")
 
 
-# ffn = every decoder FFN (dense MLPs, experts, routers, shared experts); router = the routers only
-TRAINABLE_MODULES = ("vision", "projector", "llm", "ffn", "router")
+# ffn = every decoder FFN (dense MLPs, experts, routers, shared experts); router = the MoE routers only;
+# roe = RoE's routing tokens, adapters and layer routers (llm then means the rest of the LLM)
+TRAINABLE_MODULES = ("vision", "projector", "llm", "ffn", "router", "roe")
 # Part of every stage key: bump it when the code changes what a stage computes (losses, data
 # encoding), so cached stage checkpoints made by older code are not reused.
 STAGE_FORMAT = 1
@@ -427,6 +444,7 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"model.llm.heads={llm.heads} must be divisible by kv_heads={llm.kv_heads}")
     _validate_moe(recipe)
     _validate_stgc(recipe)
+    _validate_roe(recipe)
     if recipe.eval.batch_size < 1:
         raise UserError(f"eval.batch_size={recipe.eval.batch_size} must be >= 1")
 
@@ -504,6 +522,46 @@ def _validate_stgc(recipe: Recipe) -> None:
             raise UserError(f"stgc.layers has {bad[0]}, which is not an MoE layer; MoE layers are {moe}")
 
 
+def _validate_roe(recipe: Recipe) -> None:
+    r = recipe.roe
+    adding = [s.name for s in recipe.stages if s.add_roe]
+    if recipe.variant == "roe" and (r is None or not adding):
+        raise UserError("variant=roe needs a `roe:` section and one stage with `add_roe: true`")
+    if adding and r is None:
+        raise UserError(f"stages.{adding[0]}.add_roe is true but the recipe has no `roe:` section; add one")
+    if len(adding) > 1:
+        raise UserError(f"stages {adding} all add RoE; only one stage may")
+    if r is None:
+        return
+    if not 0 <= r.target_skip < 1:
+        raise UserError(f"roe.target_skip={r.target_skip} must be in [0, 1)")
+    if r.adapter_rank is not None and r.adapter_rank <= 0:
+        raise UserError(f"roe.adapter_rank={r.adapter_rank} must be > 0 (or null for hidden_size / 2)")
+    if r.reg_coef < 0:
+        raise UserError(f"roe.reg_coef={r.reg_coef} must be >= 0")
+    if not (r.temp_start > 0 and r.temp_end > 0):
+        raise UserError("roe.temp_start and roe.temp_end must be > 0")
+    if not 0 <= r.warmup_fraction <= r.tune_fraction <= 1:
+        raise UserError(f"roe: need 0 <= warmup_fraction ({r.warmup_fraction}) <= tune_fraction "
+                        f"({r.tune_fraction}) <= 1")
+    if r.layers is not None and recipe.model.llm.pretrained is None:
+        n = recipe.model.llm.layers
+        bad = [i for i in r.layers if not 1 <= i < n]
+        if bad:
+            raise UserError(f"roe.layers: index {bad[0]} is out of range; routable layers are 1..{n - 1} "
+                            "(layer 0 is never skipped: the KV-cache length is read from it)")
+    if r.layers is None and recipe.model.llm.pretrained is None and recipe.model.llm.layers < 3:
+        raise UserError(f"roe: an LLM of {recipe.model.llm.layers} layers has none to route (the first and last "
+                        "always run); set roe.layers or use 3 or more layers")
+    if r.layers is not None and 0 in r.layers:
+        raise UserError("roe.layers: layer 0 cannot be routable (the KV-cache length is read from it)")
+
+
+def roe_index(recipe: Recipe) -> int | None:
+    """The index of the stage that adds RoE, or None."""
+    return next((i for i, s in enumerate(recipe.stages) if s.add_roe), None)
+
+
 def upcycle_index(recipe: Recipe) -> int | None:
     """The index of the stage that upcycles the model, or None for a dense recipe."""
     return next((i for i, s in enumerate(recipe.stages) if s.upcycle), None)
@@ -541,6 +599,9 @@ def stage_key(recipe: Recipe, index: int, data_hash: str) -> str:
         part["moe"] = to_dict(recipe.moe)
         if recipe.stgc is not None:
             part["stgc"] = to_dict(recipe.stgc)
+    ri = roe_index(recipe)
+    if ri is not None and index >= ri:
+        part["roe"] = to_dict(recipe.roe)
     return _digest(part)
 
 

@@ -42,6 +42,9 @@ def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor,
     t0 = time.perf_counter()
     out = model(ids, mask, pixel_values, positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(-1)  # (B,)
+    roe = getattr(model, "roe", None)
+    if roe is not None and roe.ctx.decode_mask is not None:  # RoE's routing tokens sit in the cache, masked
+        mask, roe.ctx.decode_mask = roe.ctx.decode_mask, None
     _sync(device)
     t1 = time.perf_counter()
     done = nxt == eos_id

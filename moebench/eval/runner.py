@@ -16,6 +16,7 @@ from moebench.eval import metrics
 from moebench.eval.generate import greedy_generate
 from moebench.eval.tasks import Sample, TaskConfig, load_samples, load_task
 from moebench.moe.upcycle import LoadCounter
+from moebench.roe.model import SkipCounter
 from moebench.runs import RunInfo
 
 
@@ -54,7 +55,7 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
         run(samples[:batch_size])  # warm-up, not timed
     records, ttfts, decode_s, decode_tokens = [], [], 0.0, 0
     t_start = time.perf_counter()
-    with _task_bar(progress, task.name, len(samples)) as bar, LoadCounter(model) as load:
+    with _task_bar(progress, task.name, len(samples)) as bar, LoadCounter(model) as load, SkipCounter(model) as skips:
         for batch in _batches(samples, batch_size):
             prompts, gen = run(batch)
             ttfts.append(gen.ttft_s)
@@ -75,8 +76,13 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
         "samples_per_s": len(samples) / wall if wall > 0 else None,
         "peak_mem_mb": _peak_memory_mb(device),
     }
-    extra = {"expert_load": load.load()} if load.blocks else None
-    return records, timing, extra
+    extra = {}
+    if load.blocks:
+        extra["expert_load"] = load.load()
+    if skips.layers:
+        extra["skip_rate"] = skips.rates()
+        extra["skip_ratio"] = sum(extra["skip_rate"].values()) / len(skips.layers)  # over routable layers
+    return records, timing, extra or None
 
 
 class _task_bar:
@@ -155,6 +161,9 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
                                   max_new_tokens=max_new_tokens or task.max_new_tokens, device=device,
                                   progress=progress)
         metric_rows, scores = score(task, records)
+        if extra and "skip_rate" in extra:  # RoE: activated parameters from the decisions actually taken
+            p = count_params(model, extra["skip_rate"])
+            common = {**common, "params_activated": p["activated"], "params_detail": p}
         stamp = results.utc_now()
         data_hash = src.hash or _questions_hash(task, src.root)
         rows = [{**common, **timing, **r, "task": task.name, "dataset": src.name, "dataset_hash": data_hash,

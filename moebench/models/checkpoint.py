@@ -48,8 +48,8 @@ def atomic_dir(final: Path):
 
 
 def save_vlm(model, cfg: ModelConfig, tokenizer, out_dir: Path, extra: dict | None = None,
-             moe=None) -> Path:
-    """Write weights, configs and tokenizer; `moe` (a MoEConfig) when the LLM has been upcycled."""
+             moe=None, roe=None) -> Path:
+    """Write weights, configs and tokenizer; `moe` / `roe` (their configs) when the LLM was transformed."""
     from safetensors.torch import save_model
 
     out_dir = Path(out_dir)
@@ -60,6 +60,7 @@ def save_vlm(model, cfg: ModelConfig, tokenizer, out_dir: Path, extra: dict | No
             "vision_config": model.vision_tower.config.to_dict(),
             "llm_config": model.llm.config.to_dict(),
             "moe": to_dict(moe) if moe is not None else None,
+            "roe": to_dict(roe) if roe is not None else None,
             **(extra or {}),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -96,6 +97,11 @@ def load_vlm(model_dir: Path, expect: ModelConfig | None = None):
         from moebench.moe.upcycle import upcycle
 
         upcycle(model.llm, from_dict(MoEConfig, meta["moe"], "moe"), empty=True)
+    if meta.get("roe"):
+        from moebench.config import RoEConfig
+        from moebench.roe.model import add_roe
+
+        add_roe(model, from_dict(RoEConfig, meta["roe"], "roe"))
     load_weights(model, model_dir / MODEL_FILE)
     model.eval()
     return model, tokenizer, meta

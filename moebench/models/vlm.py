@@ -67,7 +67,9 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                past_key_values=None, use_cache: bool = False, logits_to_keep: int = 0):
+                past_key_values=None, use_cache: bool = False, logits_to_keep: int = 0,
+                labels: torch.Tensor | None = None):
+        """Logits of the LM over the prompt (`labels` only tell RoE where the first turn's prompt ends)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -77,8 +79,32 @@ class VLM(nn.Module):
         for m in self.llm.modules():  # MoE blocks keep padding out of routing
             if hasattr(m, "token_mask"):
                 m.token_mask = attention_mask
+        roe = getattr(self, "roe", None)
+        if roe is not None and pixel_values is not None and roe.ctx.mode != "dense":
+            return _forward_routed(self, embeds, attention_mask, position_ids, input_ids, labels,
+                                   past_key_values, use_cache, logits_to_keep)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+def _forward_routed(model: VLM, embeds, attention_mask, position_ids, input_ids, labels, past_key_values,
+                    use_cache, logits_to_keep):
+    """RoE prefill / training: append the routing tokens, run, drop their logits (moebench/roe)."""
+    from moebench.roe.model import with_routing_tokens
+
+    ctx = model.roe.ctx
+    embeds, mask, positions, ctx.decode_mask = with_routing_tokens(model, embeds, attention_mask, position_ids,
+                                                                   input_ids, labels)
+    ctx.routing, ctx.skip_probs = True, []
+    try:
+        out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                       past_key_values=past_key_values, use_cache=use_cache,
+                       logits_to_keep=logits_to_keep + 2 if logits_to_keep else 0)
+    finally:
+        ctx.routing = False
+    out.logits = out.logits[:, :-2]
+    return out
+
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

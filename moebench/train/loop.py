@@ -79,6 +79,7 @@ def run_stage(
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
     after_backward: Callable[[float], dict] | None = None,
+    before_step: Callable[[int, int], None] | None = None,
 ) -> StageResult:
     """Train `module` for one stage. `param_groups` are (name, params, lr); `log` receives training rows."""
     n = len(dataset)
@@ -111,6 +112,8 @@ def run_stage(
     bar = _Bar(progress, stage.name, total, step)
     with bar:
         while step < total:
+            if before_step is not None:  # e.g. RoE's phases and temperature
+                before_step(step, total)
             for micro in range(stage.grad_accum):
                 batch = micro_batch(step * stage.grad_accum + micro)
                 with autocast:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from moebench import results
-from moebench.config import MoEConfig, Recipe, StageConfig, recipe_hash, stage_key, to_dict, tokenizer_corpus, upcycle_index
+from moebench.config import MoEConfig, Recipe, StageConfig, recipe_hash, stage_key, to_dict, roe_index, tokenizer_corpus, upcycle_index
 from moebench.data.conversations import ConversationDataset, Encoder, collate, read_conversations
 from moebench.data.sources import DataSource, file_hash, resolve
 from moebench.errors import UserError
@@ -66,10 +66,16 @@ def _trainable_parts(model) -> dict[str, list]:
     """Module name in a stage's `train:` list -> its parameters."""
     from moebench.moe.upcycle import decoder_layers, moe_blocks
 
+    from moebench.roe.model import roe_parameters
+
+    roe = roe_parameters(model)
+    own = {id(p) for p in roe}
     ffn = [p for layer in decoder_layers(model.llm) for p in layer.mlp.parameters()]
     routers = [p for _, b in moe_blocks(model) for p in b.router.parameters()]
     return {"vision": list(model.vision_tower.parameters()), "projector": list(model.projector.parameters()),
-            "llm": list(model.llm.parameters()), "ffn": ffn, "router": routers}
+            "llm": [p for p in model.llm.parameters() if id(p) not in own], "ffn": ffn, "router": routers,
+            "roe": roe}
+
 
 
 def _param_groups(model, stage: StageConfig) -> list[tuple[str, list, float]]:
@@ -167,7 +173,17 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
                 layers = upcycle(model.llm, recipe.moe)
                 _say(True, f"upcycled FFNs of layers {layers} into {recipe.moe.num_experts} experts "
                                f"(top-{recipe.moe.top_k})")
+            if stage.add_roe:
+                from moebench.roe.model import add_roe
+
+                layers = add_roe(model, recipe.roe)
+                _say(True, f"RoE: layers {layers} may be skipped (target skip ratio {recipe.roe.target_skip})")
             module, groups, loss_fn = model, _param_groups(model, stage), make_loss_fn(recipe.moe)
+        before_step = None
+        if _roe_added(recipe, i) and stage.kind == "lm":
+            from moebench.roe.model import phase_hook, roe_loss_fn
+
+            loss_fn, before_step = roe_loss_fn(recipe.roe), phase_hook(model, recipe.roe, _trainable_parts(model))
         stgc = None
         if recipe.stgc is not None and _upcycled(recipe, i):
             from moebench.moe.stgc import STGC
@@ -178,11 +194,13 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
         res = run_stage(module, groups, loss_fn, dataset, lambda b: collate(b, tokenizer.pad_token_id), stage,
                         seed=recipe.seed, work_dir=dirs[i], resume=resume, device=device,
                         precision=recipe.precision, log=log, on_step=on_step, progress=progress,
-                        after_backward=stgc.after_backward if stgc else None)
+                        after_backward=stgc.after_backward if stgc else None, before_step=before_step)
+        if _roe_added(recipe, i):
+            model.roe.ctx.mode = "hard"
         if stgc:
             stgc.close()
         save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss},
-                 moe=recipe.moe if _upcycled(recipe, i) else None)
+                 moe=recipe.moe if _upcycled(recipe, i) else None, roe=recipe.roe if _roe_added(recipe, i) else None)
         (dirs[i] / "stage.json").write_text(json.dumps({"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
         shutil.rmtree(dirs[i] / "partial", ignore_errors=True)
 
@@ -202,6 +220,11 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
 def _upcycled(recipe: Recipe, i: int) -> bool:
     up = upcycle_index(recipe)
     return up is not None and i >= up
+
+
+def _roe_added(recipe: Recipe, i: int) -> bool:
+    ri = roe_index(recipe)
+    return ri is not None and i >= ri
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -1,0 +1,1 @@
+"""The RoE variant: per-example layer routing with adapter shortcuts."""

@@ -1,0 +1,280 @@
+"""RoE, Routing Experts (ICLR 2025, arXiv 2407.14093; DESIGN section 2.3): per-example layer skipping.
+
+Every routable decoder layer l becomes an "expert" an example may skip:
+
+    [run, skip] logits  r_l = Router_l([h_img; h_txt])        Linear(2d, 2) on the routing tokens' states
+    soft (training)     out = w_run * Layer_l(h) + w_skip * (h + Adapter_l(norm_l(h))),  w = softmax(r_l / T)
+    hard (inference)    the argmax, decided at prefill and kept for every decoding step
+    Adapter_l           Linear(d, r, no bias), ReLU, Linear(r, d, no bias)
+
+Routing tokens: two learned embeddings (image, text) appended after the prompt. The image one attends
+to the image tokens, the text one to the first turn's text (both to themselves); normal tokens never
+attend to them, and decoding masks them out, so they change nothing but the routing.
+
+At inference a layer runs only on the examples that need it: the wrapper gathers that sub-batch, runs
+the layer on it with its own KV cache (the decision never changes during decoding, so the cache stays
+consistent), and gives the other examples the adapter shortcut. The public RoE code skips only at
+batch size 1 and its released eval path never skips; this does, at any batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moebench.config import RoEConfig
+
+
+@dataclass
+class RoEContext:
+    """State shared by the VLM and its RoE layers for one forward."""
+
+    mode: str = "hard"  # soft | random | hard | dense (run every layer: the dense parent)
+    temperature: float = 1.0
+    target: float = 0.3  # random mode skips with this probability
+    routing: bool = False  # this forward carries the two routing tokens at the last positions
+    generator: torch.Generator | None = None
+    skip_probs: list[torch.Tensor] = field(default_factory=list)  # per routed layer, (B,) this forward
+    decode_mask: torch.Tensor | None = None  # the 2-D mask after prefill, routing-token columns zero
+
+
+class RoELayer(nn.Module):
+    """A decoder layer an example may skip, with its adapter shortcut and router."""
+
+    def __init__(self, layer: nn.Module, hidden: int, rank: int, ctx: RoEContext):
+        super().__init__()
+        self.layer = layer
+        self.adapter = nn.Sequential(nn.Linear(hidden, rank, bias=False), nn.ReLU(), nn.Linear(rank, hidden, bias=False))
+        nn.init.zeros_(self.adapter[2].weight)  # the shortcut starts as the identity
+        self.router = nn.Linear(2 * hidden, 2)
+        with torch.no_grad():  # start by running every layer (softly): a bias towards "run"
+            self.router.bias.copy_(torch.tensor([2.0, 0.0]))
+        self.ctx = ctx
+        self.run_mask: torch.Tensor | None = None  # (B,) bool, decided at prefill (hard mode)
+        self.cache = None  # the sub-batch's KV cache for this layer (hard mode)
+        self.calls = 0  # examples this layer was computed for (tests)
+        self.seen = self.skipped = 0  # hard-mode prefill decisions, for the skip rate
+
+    @property
+    def mlp(self) -> nn.Module:
+        """The wrapped layer's FFN (so FFN-level code sees through the wrapper)."""
+        return self.layer.mlp
+
+    def shortcut(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.adapter(self.layer.input_layernorm(h))
+
+    def route_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, 2) [run, skip] from the routing tokens' states at this layer's input (the last two)."""
+        rt = h[:, -2:].reshape(h.shape[0], -1).float()  # (B, 2d)
+        with torch.autocast(h.device.type, enabled=False):
+            return nn.functional.linear(rt, self.router.weight.float(), self.router.bias.float())
+
+    def _run(self, h: torch.Tensor, idx: torch.Tensor | None, kwargs: dict, cache) -> torch.Tensor:
+        """The wrapped layer on the examples `idx` (None = all), with their slice of the masks."""
+        if idx is None:
+            self.calls += h.shape[0]
+            return self.layer(h, past_key_values=cache, **kwargs)
+        sub = dict(kwargs)
+        for key in ("attention_mask", "position_ids"):
+            if torch.is_tensor(sub.get(key)) and sub[key].shape[0] == h.shape[0]:
+                sub[key] = sub[key][idx]
+        pe = sub.get("position_embeddings")
+        if pe is not None and pe[0].shape[0] == h.shape[0]:
+            sub["position_embeddings"] = tuple(p[idx] for p in pe)
+        self.calls += int(idx.numel())
+        return self.layer(h[idx], past_key_values=cache, **sub)
+
+    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs) -> torch.Tensor:
+        ctx, h = self.ctx, hidden_states
+        if ctx.mode == "dense":
+            return self._run(h, None, kwargs, past_key_values)
+        if ctx.routing:
+            logits = self.route_logits(h)
+            if ctx.mode == "soft":
+                w = torch.softmax(logits / ctx.temperature, dim=-1).to(h.dtype)  # (B, 2)
+                ctx.skip_probs.append(w[:, 1].float())
+                out = self._run(h, None, kwargs, None)
+                return w[:, :1, None] * out + w[:, 1:, None] * self.shortcut(h)
+            if ctx.mode == "random":  # warm-up: hard skips at the target rate, adapters learn
+                skip = torch.rand(h.shape[0], generator=ctx.generator) < ctx.target
+                self.run_mask = ~skip.to(h.device)
+            else:
+                self.run_mask = logits.argmax(-1) == 0  # (B,) run
+                ctx.skip_probs.append((~self.run_mask).float())
+            self.cache = type(past_key_values)() if past_key_values is not None else None
+        run = self.run_mask
+        if ctx.routing and ctx.mode == "hard":
+            self.seen += run.numel()
+            self.skipped += int((~run).sum())
+        if bool(run.all()):
+            return self._run(h, None, kwargs, self.cache)
+        if not bool(run.any()):
+            return self.shortcut(h)
+        idx, rest = run.nonzero().flatten(), (~run).nonzero().flatten()
+        out = torch.empty_like(h).index_copy(0, rest, self.shortcut(h[rest]))
+        return out.index_copy(0, idx, self._run(h, idx, kwargs, self.cache))
+
+
+def routable_layers(cfg: RoEConfig, num_layers: int) -> list[int]:
+    return list(cfg.layers) if cfg.layers is not None else list(range(1, num_layers - 1))
+
+
+class RoE(nn.Module):
+    """The RoE parts of a VLM: the routing-token embeddings and the wrapped layers' context."""
+
+    def __init__(self, hidden: int, cfg: RoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = nn.Parameter(torch.randn(2, hidden) * 0.02)  # image, text routing tokens
+        self.ctx = RoEContext(target=cfg.target_skip)
+        self.layer_ids: list[int] = []
+
+    def layers(self, llm) -> list[RoELayer]:
+        return [llm.model.layers[i] for i in self.layer_ids]
+
+
+def add_roe(model, cfg: RoEConfig) -> list[int]:
+    """Wrap the routable decoder layers of `model.llm` in place; attach `model.roe`. Returns the layers."""
+    llm = model.llm
+    d = llm.config.hidden_size
+    rank = cfg.adapter_rank or d // 2
+    roe = RoE(d, cfg)
+    device = next(llm.parameters()).device
+    for i in routable_layers(cfg, llm.config.num_hidden_layers):
+        llm.model.layers[i] = RoELayer(llm.model.layers[i], d, rank, roe.ctx).to(device)
+    roe.layer_ids = routable_layers(cfg, llm.config.num_hidden_layers)
+    model.roe = roe.to(device)
+    return roe.layer_ids
+
+
+def with_routing_tokens(model, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                        input_ids: torch.Tensor, labels: torch.Tensor | None):
+    """Append the two routing tokens; return (embeds, 4-D additive mask, positions, 2-D mask for decoding).
+
+    The image token attends to the image placeholders, the text token to the real non-image tokens
+    before the first supervised one (the first turn's prompt); normal tokens do not see either.
+    """
+    b, t, _ = embeds.shape
+    real = attention_mask.bool()
+    image = (input_ids == model.image_token_id) & real
+    text = real & ~image
+    if labels is not None:  # training: only the first turn's prompt
+        supervised = labels != -100
+        first = torch.where(supervised.any(-1), supervised.float().argmax(-1), torch.full_like(labels[:, 0], t))
+        text &= torch.arange(t, device=embeds.device)[None] < first[:, None]
+    causal = torch.ones(t, t, dtype=torch.bool, device=embeds.device).tril()  # (T, T)
+    mask = torch.zeros(b, 1, t + 2, t + 2, dtype=torch.bool, device=embeds.device)
+    mask[:, 0, :t, :t] = causal[None] & real[:, None, :]
+    mask[:, 0, t, :t], mask[:, 0, t + 1, :t] = image, text
+    mask[:, 0, t, t] = mask[:, 0, t + 1, t + 1] = True
+    # padding rows attend to themselves, so no softmax row is empty
+    idx = torch.arange(t, device=embeds.device)
+    mask[:, 0, idx, idx] |= True
+    additive = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device)
+    additive.masked_fill_(~mask, torch.finfo(embeds.dtype).min)  # eager and sdpa attention both add it
+    rt = model.roe.tokens.to(embeds.dtype)[None].expand(b, -1, -1)
+    last = position_ids.max(-1, keepdim=True).values + 1  # (B, 1)
+    positions = torch.cat([position_ids, last, last], dim=1)
+    decode_mask = torch.cat([attention_mask, torch.zeros_like(attention_mask[:, :2])], dim=1)
+    return torch.cat([embeds, rt], dim=1), additive, positions, decode_mask
+
+
+def regularised_loss(logits: torch.Tensor, labels: torch.Tensor, skip_probs: list[torch.Tensor],
+                     target: float, coef: float) -> tuple[torch.Tensor, dict]:
+    """RoE's structure-sparsity objective, per example i, averaged over the batch:
+
+        CE_i + coef * exp(-5 * CE_i).detach() * max(0, target - s_i),   s_i = mean_l p_skip(i, l)
+
+    CE_i is example i's mean next-token loss over its supervised tokens.
+    """
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    tok = nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
+                                      reduction="none")  # (B, T-1)
+    n = (shift_labels != -100).sum(-1).clamp(min=1)
+    ce = tok.sum(-1) / n  # (B,)
+    if not skip_probs:
+        return ce.mean(), {"lm_loss": ce.mean().detach()}
+    s = torch.stack(skip_probs, dim=1).mean(-1)  # (B,)
+    reg = coef * torch.exp(-5 * ce).detach() * (target - s).clamp(min=0)
+    logs = {"lm_loss": ce.mean().detach(), "aux_loss": reg.mean().detach(), "skip_rate": s.mean().detach()}
+    return (ce + reg).mean(), logs
+
+
+def temperature(cfg: RoEConfig, progress: float) -> float:
+    """Annealed from temp_start to temp_end over the routing phases (exponentially)."""
+    start = cfg.warmup_fraction
+    f = min(1.0, max(0.0, (progress - start) / max(1e-9, 1 - start)))
+    return cfg.temp_start * math.exp(f * math.log(cfg.temp_end / cfg.temp_start))
+
+
+def phase(cfg: RoEConfig, progress: float) -> str:
+    if progress < cfg.warmup_fraction:
+        return "warmup"  # adapters only, random hard skips at the target ratio
+    return "route" if progress < cfg.tune_fraction else "tune"  # + routers; then + the LLM
+
+
+def roe_parameters(model) -> list[nn.Parameter]:
+    """Routing tokens, adapters and layer routers (empty for a model without RoE)."""
+    roe = getattr(model, "roe", None)
+    if roe is None:
+        return []
+    out = list(roe.parameters())
+    for layer in roe.layers(model.llm):
+        out += [*layer.adapter.parameters(), *layer.router.parameters()]
+    return out
+
+
+def roe_loss_fn(cfg: RoEConfig):
+    def loss_fn(model, batch):
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"])
+        return regularised_loss(out.logits, batch["labels"], model.roe.ctx.skip_probs, cfg.target_skip,
+                                cfg.reg_coef)
+
+    return loss_fn
+
+
+def phase_hook(model, cfg: RoEConfig, parts: dict[str, list]):
+    """Before each step: the phase's routing mode, temperature and which parameters learn.
+
+    warm-up: adapters (and routing tokens) only, random hard skips at the target ratio;
+    route: + the routers, soft routing, temperature annealed; tune: + the rest of the LLM.
+    Parameters not trained by the stage stay frozen throughout.
+    """
+    ctx = model.roe.ctx
+    ctx.generator = torch.Generator().manual_seed(0)
+    routers = {id(p) for layer in model.roe.layers(model.llm) for p in layer.router.parameters()}
+    llm = [p for p in parts["llm"] if p.requires_grad]
+    roe_routers = [p for p in parts["roe"] if id(p) in routers and p.requires_grad]
+
+    def before_step(step: int, total: int) -> None:
+        progress = step / max(1, total)
+        ph = phase(cfg, progress)
+        ctx.mode = "random" if ph == "warmup" else "soft"
+        ctx.temperature = temperature(cfg, progress)
+        for p in roe_routers:
+            p.requires_grad_(ph != "warmup")
+        for p in llm:
+            p.requires_grad_(ph == "tune")
+
+    return before_step
+
+
+class SkipCounter:
+    """Per routable layer, the share of evaluated examples that skipped it (hard decisions at prefill)."""
+
+    def __init__(self, model):
+        self.layers = list(zip(model.roe.layer_ids, model.roe.layers(model.llm))) if getattr(model, "roe", None) else []
+
+    def __enter__(self):
+        for _, layer in self.layers:
+            layer.seen = layer.skipped = 0
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def rates(self) -> dict[str, float]:
+        return {str(i): layer.skipped / max(1, layer.seen) for i, layer in self.layers}
