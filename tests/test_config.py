@@ -147,3 +147,26 @@ def test_stgc_shares_stages_with_moe_up_to_stage_iii():
     assert [s.name for s in stgc.stages] == [s.name for s in moe.stages]
     assert all(stage_key(moe, i, "h") == stage_key(stgc, i, "h") for i in range(3))
     assert stage_key(moe, 3, "h") != stage_key(stgc, 3, "h")
+
+
+ROE_RECIPE = REPO / "recipes" / "shapes_roe.yaml"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("roe.target_skip=1.0", "roe.target_skip=1.0 must be in [0, 1)"),
+    ("roe.target_skip=-0.1", "roe.target_skip=-0.1 must be in [0, 1)"),
+    ("roe.adapter_rank=0", "roe.adapter_rank=0 must be > 0"),
+    ("roe.layers=[1,7]", "roe.layers: index 7 is out of range; routable layers are 1..3"),
+    ("roe.layers=[0,1]", "roe.layers: index 0 is out of range"),
+])
+def test_bad_roe_config(override, message, capsys):
+    with pytest.raises(UserError) as e:
+        load_recipe(ROE_RECIPE, [override])
+    assert message in str(e.value)
+    code, _, err = run_cli(["train", ROE_RECIPE, override], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_roe_starts_from_the_dense_stage_ii_checkpoint():
+    dense, roe = load_recipe(RECIPE), load_recipe(ROE_RECIPE)
+    assert all(stage_key(dense, i, "h") == stage_key(roe, i, "h") for i in range(3))

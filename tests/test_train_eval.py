@@ -147,3 +147,28 @@ def test_stgc_recipe_logs_conflicts_per_layer(capsys, tmp_path):
     assert -1 <= extra["grad_cos"]["0"] <= 1 and "stgc_loss" in extra
     rows = [r for r in results.read_rows([res], "metrics")]
     assert rows and all(r["variant"] == "stgc" for r in rows)
+
+
+def test_roe_recipe_trains_and_reports_skips_and_measured_params(capsys, tmp_path):
+    import json
+
+    from conftest import REPO, TINY
+
+    runs, res = tmp_path / "runs", tmp_path / "results"
+    tiny = [*TINY, "model.llm.layers=4", "stages.roe.max_steps=4", "stages.roe.batch_size=8",
+            "stages.roe.log_every=1"]
+    code, _, err = run_cli(["train", REPO / "recipes" / "shapes_roe.yaml", *tiny, "--runs", runs, "--results", res,
+                            "--no-progress"], capsys)
+    assert code == 0, err
+    steps = [r for r in results.read_rows([res], "train") if r["stage"] == "roe"]
+    assert len(steps) == 4 and all(r["aux_loss"] >= 0 for r in steps)
+    assert all("skip_rate" in json.loads(r["extra"]) for r in steps)
+    rows = [r for r in results.read_rows([res], "metrics")]
+    assert rows and all(r["variant"] == "roe" for r in rows)
+    extra = json.loads(rows[0]["extra"])
+    assert sorted(extra["skip_rate"]) == ["1", "2"] and 0 <= extra["skip_ratio"] <= 1
+    assert rows[0]["params_activated"] <= rows[0]["params_total"]
+    run_dir = next(p for p in runs.iterdir() if p.name.startswith("shapes_roe"))
+    code, _, err = run_cli(["eval", "--tasks", "gqa", "--model", run_dir, "--limit", "8", "--batch-size", "4",
+                            "--results", tmp_path / "r2", "--no-progress"], capsys)
+    assert code == 0, err  # the RoE structure is rebuilt from model.json

@@ -101,6 +101,7 @@ class RoELayer(nn.Module):
             if ctx.mode == "random":  # warm-up: hard skips at the target rate, adapters learn
                 skip = torch.rand(h.shape[0], generator=ctx.generator) < ctx.target
                 self.run_mask = ~skip.to(h.device)
+                ctx.skip_probs.append(skip.float().to(h.device))
             else:
                 self.run_mask = logits.argmax(-1) == 0  # (B,) run
                 ctx.skip_probs.append((~self.run_mask).float())

@@ -1,0 +1,123 @@
+"""RoE against independent facts: the dense parent, the regulariser formula, real skipping, batch invariance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moebench.config import LLMConfig, ModelConfig, RoEConfig, TokenizerConfig, VisionConfig
+from moebench.roe.model import RoELayer, add_roe, regularised_loss
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from moebench.models.tokenizer import train_tokenizer
+
+    texts = ["Is there a red circle in the image?", "USER: ASSISTANT: yes no left right", "a small blue star."] * 20
+    return train_tokenizer(texts, 300)
+
+
+def _model(tokenizer, seed=0):
+    from moebench.models.build import build_vlm
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        vision=VisionConfig(image_size=16, patch_size=8, hidden_size=32, layers=1, heads=2, intermediate_size=64),
+        llm=LLMConfig(hidden_size=32, layers=4, heads=2, kv_heads=1, intermediate_size=64, max_positions=128,
+                      init_std=0.1),
+        tokenizer=TokenizerConfig(vocab_size=300))
+    return build_vlm(cfg, tokenizer).eval()
+
+
+QUESTIONS = ["Is there a star?", "What color is the small circle?", "How many?", "Is the bar left?",
+             "What shape is the red object?", "Is there a cross in the image?", "Left or right?", "Count them."]
+
+
+def _prompts(tokenizer, model):
+    from moebench.data.conversations import Encoder
+
+    enc = Encoder(tokenizer, model.num_image_tokens, model.image_token_id)
+    pixels = torch.randn(len(QUESTIONS), 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return [enc.prompt(q) for q in QUESTIONS], pixels
+
+
+def _force(monkeypatch, rule):
+    """Make every RoE layer's [run, skip] logits a function of (layer, routing-token states)."""
+    def route_logits(self, h):
+        run = rule(self, h[:, -2:].float())  # (B,) bool
+        return torch.stack([run.float(), (~run).float()], dim=-1)
+
+    monkeypatch.setattr(RoELayer, "route_logits", route_logits)
+
+
+def test_routing_tokens_leave_normal_tokens_unchanged_when_nothing_is_skipped(tokenizer, monkeypatch):
+    from moebench.data.conversations import pad_stack
+
+    model = _model(tokenizer)
+    prompts, pixels = _prompts(tokenizer, model)
+    ids, mask = pad_stack([torch.tensor(p) for p in prompts], tokenizer.pad_token_id, left=True)
+    with torch.no_grad():
+        dense = model(ids, mask, pixels).logits
+        add_roe(model, RoEConfig())
+        _force(monkeypatch, lambda layer, rt: torch.ones(rt.shape[0], dtype=torch.bool))
+        model.roe.ctx.mode = "hard"
+        routed = model(ids, mask, pixels).logits
+    real = mask.bool()
+    assert torch.allclose(dense[real], routed[real], atol=1e-5)
+
+
+def test_regulariser_hand_computed():
+    """Two examples; the first under its target skip ratio, the second over it (no penalty)."""
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 0, 1] = 2.0  # example 0 predicts token 1 at position 0 with p = e^2 / (e^2 + 3)
+    labels = torch.tensor([[-100, 1, -100], [-100, 3, -100]])
+    skip = [torch.tensor([0.1, 0.5]), torch.tensor([0.1, 0.3])]  # two routable layers
+    loss, logs = regularised_loss(logits, labels, skip, target=0.3, coef=1.0)
+    ce0 = -math.log(math.exp(2) / (math.exp(2) + 3))
+    ce1 = math.log(4)
+    s0, s1 = 0.1, 0.4
+    expected = ((ce0 + math.exp(-5 * ce0) * (0.3 - s0)) + (ce1 + math.exp(-5 * ce1) * max(0.0, 0.3 - s1))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert logs["skip_rate"].item() == pytest.approx((s0 + s1) / 2)
+
+
+def test_a_skipped_layer_is_not_called_for_the_examples_that_skip_it(tokenizer, monkeypatch):
+    from moebench.eval.generate import greedy_generate
+
+    model = _model(tokenizer)
+    add_roe(model, RoEConfig())
+    model.roe.ctx.mode = "hard"
+    prompts, pixels = _prompts(tokenizer, model)
+    skip_rows = {1: {0, 3, 5}, 2: {1, 3, 6, 7}}  # layer -> examples that skip it
+    rows = {}
+
+    def rule(layer, rt):
+        i = model.roe.layer_ids[model.roe.layers(model.llm).index(layer)]
+        return torch.tensor([b not in skip_rows[i] for b in range(rt.shape[0])])
+
+    _force(monkeypatch, rule)
+    gen = greedy_generate(model, prompts, pixels, max_new_tokens=4, eos_id=-1, pad_id=tokenizer.pad_token_id)
+    steps = 1 + gen.decode_steps  # the prefill and every decoding step
+    for i, layer in zip(model.roe.layer_ids, model.roe.layers(model.llm)):
+        rows[i] = layer.calls
+        assert layer.calls == steps * (len(QUESTIONS) - len(skip_rows[i]))
+        assert layer.skipped == len(skip_rows[i]) and layer.seen == len(QUESTIONS)
+
+
+def test_predictions_batch_8_equal_batch_1(tokenizer, monkeypatch):
+    from moebench.eval.generate import greedy_generate
+
+    model = _model(tokenizer, seed=3)
+    add_roe(model, RoEConfig())
+    model.roe.ctx.mode = "hard"
+    # a content-based rule, independent of the batch: skip when the text routing token's first feature < 0
+    _force(monkeypatch, lambda layer, rt: rt[:, 1, 0] >= 0)
+    prompts, pixels = _prompts(tokenizer, model)
+    kw = dict(max_new_tokens=5, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    batched = greedy_generate(model, prompts, pixels, **kw).tokens
+    single = [greedy_generate(model, [p], pixels[i: i + 1], **kw).tokens[0] for i, p in enumerate(prompts)]
+    skipped = sum(layer.skipped for layer in model.roe.layers(model.llm))
+    assert 0 < skipped < 2 * 2 * len(QUESTIONS)  # some examples skip some layers, not all
+    assert batched == single
