@@ -140,6 +140,8 @@ def plan(
     for c in ("part", "total", "activated / token", "note"):
         t.add_column(c, justify="left" if c in ("part", "note") else "right")
     moe = f"{len(llm['moe_layers'])} MoE layers x {llm['experts']} experts, top-{llm['top_k']}" if llm["moe_layers"] else "dense"
+    if llm["roe_layers"]:
+        moe = f"RoE: {len(llm['roe_layers'])} routable layers, activated at target skip {llm['roe_target_skip']}"
     t.add_row("LLM", _b(llm["total"]), _b(llm["activated"]), f"{moe}; embeddings + LM head {_b(llm['embeddings'])} counted")
     t.add_row("vision tower", _b(p["vision"]["total"]), _b(p["vision"]["total"]), f"{p['vision']['tokens_per_image']} image tokens")
     t.add_row("projector", _b(p["projector"]["total"]), _b(p["projector"]["total"]), "")
@@ -223,6 +225,43 @@ def bench_stgc(
     out.print(f"Pearson r between output- and exact-mode gradient cosines over {r['pairs']} routed pairs: "
               f"{r['pearson_output_vs_exact']:.3f}; conflict flags agree on {100 * r['flag_agreement']:.1f}% "
               f"(conflict rate output {r['conflict_rate']['output']:.3f}, exact {r['conflict_rate']['exact']:.3f})")
+
+
+@bench_app.command("roe")
+def bench_roe(
+    model: Optional[Path] = typer.Option(None, "--model", help="An RoE run directory; default: the most recent run."),
+    task: str = typer.Option("gqa", help="Whose prompts to time."),
+    limit: int = typer.Option(64, min=1, help="Prompts per batch size."),
+    batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma-separated batch sizes."),
+    new_tokens: int = typer.Option(4, "--new-tokens", min=1, help="Tokens generated per prompt (fixed)."),
+    repeats: int = typer.Option(3, min=1, help="Timed rounds per mode (median)."),
+    runs: Path = RUNS,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Time per sample of an RoE run skipping for real vs the same model running every layer."""
+    from moebench.roe.bench import bench_roe as run_bench
+    from moebench.runs import latest_run, open_run
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes {batch_sizes!r}: give integers, e.g. 1,8") from None
+    run = open_run(model) if model else latest_run(runs)
+    r = run_bench(run, task=task, limit=limit, batch_sizes=sizes, max_new_tokens=new_tokens, repeats=repeats)
+    if as_json:
+        print(json.dumps(r, indent=1))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"RoE {r['run']}: {r['samples']} {r['task']} prompts, {r['new_tokens']} new tokens, "
+                    f"skip ratio {r['skip_ratio_all_layers']:.3f} of all layers")
+    for col in ("batch size", "RoE ms/sample", "dense ms/sample", "RoE / dense", "1 - 0.7 s"):
+        t.add_column(col, justify="right")
+    for bs, x in r["by_batch_size"].items():
+        t.add_row(bs, f"{x['roe_ms_per_sample']:.2f}", f"{x['dense_ms_per_sample']:.2f}", f"{x['ratio']:.3f}",
+                  f"{x['bound_1_minus_0.7s']:.3f}")
+    out.print(t)
+    out.print(f"skip rate per layer: {r['skip_rate']}")
 
 
 @data_app.command("shapes")

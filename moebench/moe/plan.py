@@ -115,7 +115,13 @@ def plan(recipe: Recipe, text_tokens: int = 128) -> dict:
         moe_layers = []
         if recipe.moe is not None and any(s.upcycle for s in recipe.stages):
             moe_layers = upcycle(llm, recipe.moe, empty=True)
-    p = count_params(model)
+        skip_rates = None
+        if recipe.roe is not None and any(s.add_roe for s in recipe.stages):
+            from moebench.roe.model import add_roe
+
+            # RoE: activated at the target skip ratio (the measured one is in the eval rows)
+            skip_rates = {str(i): recipe.roe.target_skip for i in add_roe(model, recipe.roe)}
+    p = count_params(model, skip_rates)
     d, n_layers = lcfg.hidden_size, lcfg.num_hidden_layers
     n_image = model.num_image_tokens
     context = n_image + text_tokens
@@ -131,7 +137,9 @@ def plan(recipe: Recipe, text_tokens: int = 128) -> dict:
         "llm": {"total": p["llm"], "activated": p["llm_activated"], "embeddings": p["llm_embeddings"],
                 "embeddings_counted": True, "layers": n_layers, "hidden": d, "moe_layers": moe_layers,
                 "experts": recipe.moe.num_experts if moe_layers else None,
-                "top_k": recipe.moe.top_k if moe_layers else None},
+                "top_k": recipe.moe.top_k if moe_layers else None,
+                "roe_layers": [int(i) for i in skip_rates] if skip_rates else [],
+                "roe_target_skip": recipe.roe.target_skip if skip_rates else None},
         "vision": {"total": p["vision"], "tokens_per_image": n_image},
         "projector": {"total": p["projector"]},
         "total": p["total"], "activated": p["activated"],
