@@ -76,9 +76,8 @@ class VLM(nn.Module):
             # left padding: positions count real tokens only
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         embeds = self.embed(input_ids, pixel_values)
-        for m in self.llm.modules():  # MoE blocks keep padding out of routing
-            if hasattr(m, "token_mask"):
-                m.token_mask = attention_mask
+        for m in getattr(self.llm, "moebench_routed", ()):  # MoE blocks keep padding out of routing
+            m.token_mask = attention_mask
         roe = getattr(self, "roe", None)
         if roe is not None and pixel_values is not None and roe.ctx.mode != "dense":
             return _forward_routed(self, embeds, attention_mask, position_ids, input_ids, labels,

@@ -95,6 +95,7 @@ def upcycle(llm: nn.Module, cfg: MoEConfig, *, implementation: str | None = None
         if block.shared_gate is not None:
             block.shared_gate.to(_dtype(mlp))
         layers[i].mlp = block
+    llm.moebench_routed = [b for _, b in moe_blocks(llm)]  # the VLM gives these its token mask each forward
     return indices
 
 
