@@ -81,6 +81,34 @@ def eval_cmd(
     _print_headlines(rows)
 
 
+@app.command("score")
+def score_cmd(
+    task: str = typer.Option(..., "--task", help="Task name (see `moebench ls`)."),
+    predictions: Path = typer.Option(..., "--predictions", help="JSONL of {question_id, answer} (LLaVA answer files: 'text')."),
+    data: Optional[str] = typer.Option(None, "--data", help="'shapes' or a data root (default: $MOEBENCH_DATA)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Score only these splits (comma-separated)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name for the rows (default: the file's stem)."),
+    results: Path = RESULTS,
+):
+    """Score another harness's predictions with moebench's metrics; writes the same Arrow rows."""
+    import os
+
+    from moebench.config import WorldConfig
+    from moebench.data.sources import resolve
+    from moebench.eval.score import score_predictions
+
+    source = data or os.environ.get("MOEBENCH_DATA")
+    if not source:
+        raise UserError("--data is missing; give 'shapes' or the data root the questions live under")
+    src = resolve(source, WorldConfig(), progress=False)
+    rows = score_predictions(task, predictions, data_root=src.root, data_name=src.name, data_hash=src.hash,
+                             results_dir=results, name=name, splits=split.split(",") if split else None)
+    _print_headlines(rows)
+    missing = rows[0]["extra"]["missing_predictions"] if rows else 0
+    if missing:
+        err.print(f"[yellow]note:[/] {missing} questions had no prediction and were scored as wrong")
+
+
 def _print_headlines(rows: list[dict]) -> None:
     from moebench.report import headline_table
 

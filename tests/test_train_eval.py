@@ -172,3 +172,33 @@ def test_roe_recipe_trains_and_reports_skips_and_measured_params(capsys, tmp_pat
     code, _, err = run_cli(["eval", "--tasks", "gqa", "--model", run_dir, "--limit", "8", "--batch-size", "4",
                             "--results", tmp_path / "r2", "--no-progress"], capsys)
     assert code == 0, err  # the RoE structure is rebuilt from model.json
+
+
+def test_interrupted_eval_resumes_without_recomputing(tiny_run, tmp_path, monkeypatch):
+    """Kill an eval after two batches; the rerun computes only the rest and gives the same metrics."""
+    from moebench.eval import runner
+
+    run, _ = tiny_run
+    full = runner.evaluate_run(run, ["gqa"], data=None, batch_size=4, limit=16, results_dir=tmp_path / "full",
+                               progress=False)
+    real = runner.greedy_generate
+    calls = {"n": 0, "prompts": 0}
+
+    def flaky(model, prompts, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:  # warm-up + 2 batches done, the 3rd batch dies
+            raise KeyboardInterrupt
+        calls["prompts"] += len(prompts)
+        return real(model, prompts, *a, **kw)
+
+    monkeypatch.setattr(runner, "greedy_generate", flaky)
+    res = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate_run(run, ["gqa"], data=None, batch_size=4, limit=16, results_dir=res, progress=False)
+    partial = list((res / run.name / ".partial").glob("gqa-*.jsonl"))
+    assert len(partial) == 1 and len(partial[0].read_text().splitlines()) == 8
+    calls.update(n=-100, prompts=0)  # no more failures; count what the rerun computes
+    again = runner.evaluate_run(run, ["gqa"], data=None, batch_size=4, limit=16, results_dir=res, progress=False)
+    assert calls["prompts"] == 4 + 8  # the warm-up batch and the 8 samples that were left
+    assert [(r["metric"], r["value"]) for r in again] == [(r["metric"], r["value"]) for r in full]
+    assert not partial[0].exists()

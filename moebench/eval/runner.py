@@ -14,6 +14,7 @@ from moebench.data.conversations import Encoder
 from moebench.data.sources import DataSource, file_hash, resolve
 from moebench.eval import metrics
 from moebench.eval.generate import greedy_generate
+from moebench.eval.partial import PartialWriter, partial_path, read_partial
 from moebench.eval.tasks import Sample, TaskConfig, load_samples, load_task
 from moebench.moe.upcycle import LoadCounter
 from moebench.roe.model import SkipCounter
@@ -35,8 +36,8 @@ def _batches(samples: list[Sample], size: int):
 
 
 def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[Sample], *, vision,
-            batch_size: int, max_new_tokens: int, device: torch.device, progress: bool = True
-            ) -> tuple[list[dict], dict, dict | None]:
+            batch_size: int, max_new_tokens: int, device: torch.device, progress: bool = True,
+            done: dict | None = None, store=None) -> tuple[list[dict], dict, dict | None]:
     """Greedy answers for `samples`; returns per-sample records, the task's timing summary and variant
     statistics (per-layer expert load of an MoE model, over prompt and generated tokens)."""
     from moebench.data.images import load_image, preprocess
@@ -51,29 +52,38 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
                               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
         return prompts, gen
 
-    if samples:
-        run(samples[:batch_size])  # warm-up, not timed
+    done = done or {}
+    finished = {k: r for k, r in done.items()}
+    todo = [s for s in samples if (s.split, s.question_id) not in finished]
+    if todo:
+        run(todo[:batch_size])  # warm-up, not timed
     records, ttfts, decode_s, decode_tokens = [], [], 0.0, 0
     t_start = time.perf_counter()
     with _task_bar(progress, task.name, len(samples)) as bar, LoadCounter(model) as load, SkipCounter(model) as skips:
-        for batch in _batches(samples, batch_size):
+        bar(len(samples) - len(todo))
+        for batch in _batches(todo, batch_size):
             prompts, gen = run(batch)
             ttfts.append(gen.ttft_s)
             decode_s += gen.decode_s
             decode_tokens += gen.decode_steps
+            new = []
             for s, p, toks in zip(batch, prompts, gen.tokens):
-                records.append({
-                    "sample": s, "prompt_ids": p, "output_ids": toks,
-                    "prediction": tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                new.append({
+                    "split": s.split, "question_id": s.question_id, "prompt_tokens": len(p),
+                    "output_tokens": len(toks), "prediction": tokenizer.decode(toks, skip_special_tokens=True).strip(),
                     "latency_ms": 1000 * (gen.ttft_s + gen.decode_s), "ttft_ms": 1000 * gen.ttft_s,
                     "batch_size": len(batch),
                 })
+            if store is not None:
+                store(new)
+            finished.update({(r["split"], r["question_id"]): r for r in new})
             bar(len(batch))
+    records = [{**finished[(s.split, s.question_id)], "sample": s} for s in samples]
     wall = time.perf_counter() - t_start
-    timing = {
-        "ttft_ms": 1000 * sum(ttfts) / max(1, len(ttfts)),
+    timing = {  # over the samples computed in this call (a resumed eval times only the rest)
+        "ttft_ms": 1000 * sum(ttfts) / len(ttfts) if ttfts else None,
         "tpot_ms": 1000 * decode_s / decode_tokens if decode_tokens else None,
-        "samples_per_s": len(samples) / wall if wall > 0 else None,
+        "samples_per_s": len(todo) / wall if (wall > 0 and todo) else None,
         "peak_mem_mb": _peak_memory_mb(device),
     }
     extra = {}
@@ -156,16 +166,28 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
     all_rows = []
     for task in tasks:
         samples = load_samples(task, src.root, limit)
-        records, timing, extra = predict(model, tokenizer, encoder, task, samples, vision=recipe.model.vision,
-                                  batch_size=batch_size,
-                                  max_new_tokens=max_new_tokens or task.max_new_tokens, device=device,
-                                  progress=progress)
+        data_hash = src.hash or _questions_hash(task, src.root)
+        new_tokens = max_new_tokens or task.max_new_tokens
+        ppath = partial_path(results_dir, run.name, task.name, {
+            "run": run.name, "recipe_hash": run.recipe_hash, "task": task.name, "version": task.version,
+            "data": data_hash, "limit": limit, "max_new_tokens": new_tokens})
+        done = read_partial(ppath)
+        if done and progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"resuming {task.name}: {len(done)} samples already evaluated ({ppath})")
+        writer = PartialWriter(ppath)
+        try:
+            records, timing, extra = predict(model, tokenizer, encoder, task, samples, vision=recipe.model.vision,
+                                             batch_size=batch_size, max_new_tokens=new_tokens, device=device,
+                                             progress=progress, done=done, store=writer.write)
+        finally:
+            writer.close()
         metric_rows, scores = score(task, records)
         if extra and "skip_rate" in extra:  # RoE: activated parameters from the decisions actually taken
             p = count_params(model, extra["skip_rate"])
             common = {**common, "params_activated": p["activated"], "params_detail": p}
         stamp = results.utc_now()
-        data_hash = src.hash or _questions_hash(task, src.root)
         rows = [{**common, **timing, **r, "task": task.name, "dataset": src.name, "dataset_hash": data_hash,
                  "task_version": task.version, "normalizer": task.normalizer or None, "extra": extra,
                  "timestamp": stamp}
@@ -176,9 +198,10 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
                 {"run": run.name, "task": task.name, "split": r["sample"].split, "question_id": r["sample"].question_id,
                  "image": str(r["sample"].image.name), "prompt": r["sample"].question + task.prompt_suffix,
                  "prediction": r["prediction"], "target": r["sample"].target, "score": s,
-                 "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"], "prompt_tokens": len(r["prompt_ids"]),
-                 "output_tokens": len(r["output_ids"]), "batch_size": r["batch_size"], "timestamp": stamp}
+                 "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"], "prompt_tokens": r["prompt_tokens"],
+                 "output_tokens": r["output_tokens"], "batch_size": r["batch_size"], "timestamp": stamp}
                 for r, s in zip(records, scores)])
+        ppath.unlink(missing_ok=True)  # the task's rows are written; nothing left to resume
         all_rows += rows
     return all_rows
 
