@@ -35,9 +35,9 @@ def coco(world, split):
 
 def test_default_cache_dir_honours_moebench_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MOEBENCH_CACHE", str(tmp_path))
-    assert shapes.default_cache_dir() == tmp_path / "shapes" / "v1-seed0-64px-grid4-6000-1000"
+    assert shapes.default_cache_dir() == tmp_path / "shapes" / f"v{shapes.WORLD_VERSION}-seed0-64px-grid4-6000-1000"
     spec = shapes.WorldSpec(seed=3, n_train=2, n_val=8, pope_images=1)
-    assert shapes.default_cache_dir(spec) == tmp_path / "shapes" / "v1-seed3-64px-grid4-2-8"
+    assert shapes.default_cache_dir(spec) == tmp_path / "shapes" / f"v{shapes.WORLD_VERSION}-seed3-64px-grid4-2-8"
     assert shapes.ensure_world(spec, progress=False) == shapes.default_cache_dir(spec)
     assert (shapes.default_cache_dir(spec) / "manifest.json").is_file()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import run_cli
@@ -202,3 +204,20 @@ def test_interrupted_eval_resumes_without_recomputing(tiny_run, tmp_path, monkey
     assert calls["prompts"] == 4 + 8  # the warm-up batch and the 8 samples that were left
     assert [(r["metric"], r["value"]) for r in again] == [(r["metric"], r["value"]) for r in full]
     assert not partial[0].exists()
+
+
+def test_eval_all_five_tasks_on_the_shapes_world(tiny_run, tmp_path, capsys):
+    """Every task runs on the embedded world and its rows carry the latency columns."""
+    run, _ = tiny_run
+    code, _, err = run_cli(["eval", "--tasks", "pope,gqa,vqav2,textvqa,scienceqa_img", "--data", "shapes",
+                            "--model", run.dir, "--limit", "6", "--batch-size", "4", "--results", tmp_path,
+                            "--no-progress"], capsys)
+    assert code == 0, err
+    rows = results.read_rows([tmp_path], "metrics")
+    assert {r["task"] for r in rows} == {"pope", "gqa", "vqav2", "textvqa", "scienceqa_img"}
+    assert all(r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["samples_per_s"] > 0 for r in rows)
+    heads = {(r["task"], r["metric"]) for r in rows}
+    assert {("vqav2", "accuracy"), ("textvqa", "accuracy"), ("scienceqa_img", "accuracy"),
+            ("scienceqa_img", "unparsable")} <= heads
+    samples = [r for r in results.read_rows([tmp_path], "samples") if r["task"] == "vqav2"]
+    assert len(json.loads(samples[0]["target"])) == 10  # the 10 annotator answers

@@ -33,7 +33,7 @@ from PIL import Image
 from moebench.data import pope
 from moebench.errors import MissingFile, UserError
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: VQAv2, TextVQA and ScienceQA files
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "semicircle", "bar")
 COLORS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 90, 240),
           "yellow": (240, 230, 40), "purple": (160, 50, 210), "orange": (250, 130, 0)}
@@ -478,7 +478,12 @@ def _generate(spec: WorldSpec, out: Path, progress: bool) -> dict:
     splits = pope.build_pope(out / "annotations" / "instances_val2014.json", num_images=spec.pope_images, seed=spec.seed)
     for name, records in splits.items():
         pope.write_pope_jsonl(records, out / "pope" / f"coco_pope_{name}.json")
-    return {"train_images": len(train), "val_images": len(val),
+    from moebench.data import shapes_vqa
+
+    extra = {"vqav2_questions": shapes_vqa.write_vqav2(val, out, spec.seed),
+             "textvqa_questions": shapes_vqa.write_textvqa(val, out, spec.seed),
+             "scienceqa_problems": shapes_vqa.write_scienceqa(val, out, spec.seed)}
+    return {**extra, "train_images": len(train), "val_images": len(val),
             "train_objects": sum(len(s.objects) for s in train), "val_objects": sum(len(s.objects) for s in val),
             "pope_eligible_val_images": eligible, "pope_questions": len(splits["random"]),
             "instruct_turns": sum(len(c["conversations"]) // 2 for c in instruct),

@@ -1,4 +1,5 @@
-"""Answer parsing and metrics: POPE, exact match (GQA), the majority-answer baseline.
+"""Answer parsing and metrics: POPE, exact match (GQA), VQA accuracy, ScienceQA multiple choice,
+the majority-answer baseline.
 
 Every metric lives here once. Each function's docstring names the reference it reproduces; the
 values are fractions in [0, 1] (callers multiply by 100 for papers' tables if they want).
@@ -10,10 +11,11 @@ aggregate numbers (one metrics-table row each) and `scores` the per-sample score
 
 from __future__ import annotations
 
+import re
 import string
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 from moebench.errors import UserError
 from moebench.registry import Registry, did_you_mean
@@ -161,20 +163,183 @@ def exact_match(
     return _div(sum(scores), len(scores)), scores
 
 
+# ----------------------------------------------------------------------------------- VQA accuracy
+
+# The official tables of GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py, unchanged
+# (including their oddities: "somebody'd" -> "somebodyd", capitalised keys that never match after
+# lower-casing).
+VQA_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+VQA_MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+VQA_ARTICLES = ("a", "an", "the")
+VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_VQA_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a lookahead, so: any '.' not before a digit
+_VQA_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_VQA_PERIOD_COUNT = int(re.UNICODE)  # the original passes re.UNICODE as sub()'s *count*: at most 32 periods go
+
+
+def vqa_process_punctuation(text: str) -> str:
+    """`processPunctuation` of the official vqaEval.py (GT-Vision-Lab/VQA), quirks included.
+
+    For each character p of `VQA_PUNCT`: if p next to a blank occurs anywhere in the *input*
+    ("p " or " p"), or the input contains a digit-comma-digit, every p is deleted; otherwise every p
+    becomes a blank. Then each '.' not followed by a digit is deleted (the first 32 only). ':' and
+    "'" are not in the list (contractions survive). "red,blue" -> "red blue", "red, blue" ->
+    "red blue", "1,000" -> "1000", "1,000/yr" -> "1000yr", "3.5" -> "3.5", "U.S." -> "US".
+    """
+    out, delete_all = text, _VQA_COMMA_STRIP.search(text) is not None
+    for p in VQA_PUNCT:
+        out = out.replace(p, "" if delete_all or p + " " in text or " " + p in text else " ")
+    return _VQA_PERIOD_STRIP.sub("", out, count=_VQA_PERIOD_COUNT)
+
+
+def vqa_process_digit_article(text: str) -> str:
+    """`processDigitArticle` of the official vqaEval.py: lower-case, split on whitespace, number words
+    (and "none") to digits via `VQA_MANUAL_MAP`, drop the articles a / an / the, expand
+    `VQA_CONTRACTIONS` ("dont" -> "don't"), join with single blanks."""
+    words = [VQA_MANUAL_MAP.get(w, w) for w in text.lower().split()]
+    return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in VQA_ARTICLES)
+
+
+def vqa_normalize(text: str) -> str:
+    """`processPunctuation` then `processDigitArticle`, the full official answer normalisation."""
+    return vqa_process_digit_article(vqa_process_punctuation(text))
+
+
+def _vqa_clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+VQATarget = Union[str, Sequence[str]]
+
+
+def _vqa_answers(target: VQATarget, i: int) -> list[str]:
+    answers = [target] if isinstance(target, str) else target
+    if not isinstance(answers, (list, tuple)) or not answers or not all(isinstance(a, str) for a in answers):
+        raise UserError(f"VQA target #{i} is {target!r}; give a string or a non-empty list of answer strings")
+    return list(answers) * 10 if len(answers) == 1 else list(answers)
+
+
+def vqa_score(prediction: str, answers: VQATarget) -> float:
+    """One question's VQA accuracy, as the current official vqaEval.py (GT-Vision-Lab/VQA master).
+
+    Prediction and ground-truth answers: newline / tab -> blank, strip. Only if the answers are not
+    all identical (`len(set(gtAnswers)) > 1`) do both the answers and the prediction go through
+    `vqa_normalize`; with unanimous annotators nothing more is done, so "Yes" or "yes!" against ten
+    "yes" scores 0 (the maintainers' intent: leave OCR-style answers alone; GT-Vision-Lab/VQA
+    issue #14). Then each annotator is left out in turn: acc_i = min(1, #other answers equal to the
+    prediction / 3), and the score is the mean of the acc_i: 0 / 0.3 / 0.6 / 0.9 / 1.0 for 0 / 1 / 2 /
+    3 / 4+ matching annotators out of 10. (Older revisions of vqaEval.py, and the EvalAI challenge
+    copy, always normalised the prediction and gave the answers processPunctuation only; LLaVA's
+    TextVQA script uses m4c's EvalAIAnswerProcessor instead. Neither is reproduced here.)
+    A string target counts as ten identical answers (a one-element list too).
+    """
+    gts = [_vqa_clean(a) for a in _vqa_answers(answers, 0)]
+    pred = _vqa_clean(prediction)
+    if len(set(gts)) > 1:
+        gts, pred = [vqa_normalize(a) for a in gts], vqa_normalize(pred)
+    matches = sum(g == pred for g in gts)
+    return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
+
+
+def vqa_accuracy(preds: Sequence[str], targets: Sequence[VQATarget]) -> tuple[float, list[float]]:
+    """VQA accuracy (Antol et al. 2015; VQAv2, VizWiz): the mean of `vqa_score` over questions.
+
+    Fractions, unrounded (vqaEval.py reports round(100 * mean, 2)). Returns (accuracy, per-question
+    scores); 0.0 for no questions. Bad targets (not a string / non-empty list of strings) raise UserError.
+    """
+    _check_lengths(preds, targets, "vqa_accuracy")
+    for i, t in enumerate(targets):
+        _vqa_answers(t, i)
+    scores = [vqa_score(p, t) for p, t in zip(preds, targets)]
+    return _div(sum(scores), len(scores)), scores
+
+
+# ------------------------------------------------------------------------ ScienceQA multiple choice
+
+SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")
+_SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+
+
+def scienceqa_parse(text: str) -> str | None:
+    """The option letter of a ScienceQA answer, as LLaVA `llava/eval/eval_science_qa.py` (LLaVA-1.5).
+
+    In order: the text is exactly one of "A".."E" (no strip); or it is at least 3 characters, starting
+    with an option letter followed by ". " ("B. a cat"; "B." alone is not); or `The answer is ([A-Z]).`
+    matches exactly once ('.' is any character: "The answer is C." yes, "... is C" at the very end no)
+    -> that letter, which may lie outside A..E. Otherwise None (LLaVA's "FAILED"; never a random
+    option: the `random.choice` fallback of some LLaVA versions is not copied).
+    """
+    if text in SCIENCEQA_OPTIONS:
+        return text
+    if len(text) >= 3 and text[0] in SCIENCEQA_OPTIONS and text[1:3] == ". ":
+        return text[0]
+    found = _SQA_ANSWER_IS.findall(text)
+    return found[0] if len(found) == 1 else None
+
+
+def multiple_choice(preds: Sequence[str], targets: Sequence[str]) -> tuple[float, float, list[float]]:
+    """ScienceQA accuracy with LLaVA's parsing (`scienceqa_parse`): correct iff the parsed letter is
+    the target letter. Returns (accuracy, unparsable, per-sample 1.0 / 0.0), where unparsable is the
+    share of predictions whose parse is not an option (None, or a letter past E, which LLaVA's
+    `get_pred_idx` also maps to -1). Targets must be "A".."E" (blanks ignored), else UserError.
+    Both fractions are 0.0 for no samples.
+    """
+    _check_lengths(preds, targets, "multiple_choice")
+    gold = []
+    for i, t in enumerate(targets):
+        if not isinstance(t, str) or t.strip() not in SCIENCEQA_OPTIONS:
+            raise UserError(f"multiple-choice target #{i} is {t!r}; targets must be one of {', '.join(SCIENCEQA_OPTIONS)}")
+        gold.append(t.strip())
+    parsed = [scienceqa_parse(p) for p in preds]
+    scores = [float(p == g) for p, g in zip(parsed, gold)]
+    failed = sum(p not in SCIENCEQA_OPTIONS for p in parsed)
+    return _div(sum(scores), len(scores)), _div(failed, len(parsed)), scores
+
+
 # ------------------------------------------------------------------------------ majority baseline
 
 
-def majority_baseline(targets: Sequence[str]) -> tuple[str, float]:
+def majority_baseline(targets: Sequence[VQATarget]) -> tuple[str, float]:
     """The most frequent target and its share of all targets (the "always answer X" predictor).
 
-    Ties go to the first answer in sorted order, so the baseline is deterministic. An empty target
-    list is a UserError (there is no majority of nothing).
+    A list target (VQA: the annotators' answers) contributes each of its answers, as stored, so for
+    VQA this is the most frequent answer over all ground-truth answers of the split; a string target
+    counts once. Ties go to the first answer in sorted order, so the baseline is deterministic. No
+    answers at all is a UserError (there is no majority of nothing).
     """
-    if len(targets) == 0:
+    answers = [a for t in targets for a in ([t] if isinstance(t, str) else t)]
+    if not answers:
         raise UserError("majority baseline of an empty target list; the task has no samples")
-    counts = Counter(targets)
+    counts = Counter(answers)
     answer = min(counts, key=lambda a: (-counts[a], a))
-    return answer, counts[answer] / len(targets)
+    return answer, counts[answer] / len(answers)
 
 
 # ------------------------------------------------------------------------------------- registry
@@ -205,17 +370,30 @@ def _exact_match(preds: Sequence[str], targets: Sequence[str], normalizer: str =
     return MetricResult({"exact_match": accuracy}, scores)
 
 
+@METRICS.register("vqa_accuracy")
+def _vqa_accuracy(preds: Sequence[str], targets: Sequence[VQATarget]) -> MetricResult:
+    accuracy, scores = vqa_accuracy(preds, targets)
+    return MetricResult({"accuracy": accuracy}, scores)
+
+
+@METRICS.register("multiple_choice")
+def _multiple_choice(preds: Sequence[str], targets: Sequence[str]) -> MetricResult:
+    accuracy, unparsable, scores = multiple_choice(preds, targets)
+    return MetricResult({"accuracy": accuracy, "unparsable": unparsable}, scores)
+
+
 def get_metric(name: str) -> MetricFn:
     """The metric function registered as `name`; unknown names raise UserError with a hint."""
     return METRICS.get(name)
 
 
-def compute(name: str, preds: Sequence[str], targets: Sequence[str], **options) -> MetricResult:
+def compute(name: str, preds: Sequence[str], targets: Sequence[VQATarget], **options) -> MetricResult:
     """Run metric `name` on predictions vs targets (options, e.g. normalizer, go to the metric)."""
     return get_metric(name)(preds, targets, **options)
 
 
-def baseline_values(name: str, targets: Sequence[str], **options) -> dict[str, float]:
-    """Metric `name` for the majority-answer predictor (the `baseline` column of the metrics table)."""
+def baseline_values(name: str, targets: Sequence[VQATarget], **options) -> dict[str, float]:
+    """Metric `name` for the majority-answer predictor (the `baseline` column of the metrics table):
+    `majority_baseline` over the targets (for VQA lists, over all their answers), scored by `name`."""
     answer, _ = majority_baseline(targets)
     return compute(name, [answer] * len(targets), targets, **options).values

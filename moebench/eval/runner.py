@@ -197,13 +197,20 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
             results.append_rows(results_dir, "samples", run.name, [
                 {"run": run.name, "task": task.name, "split": r["sample"].split, "question_id": r["sample"].question_id,
                  "image": str(r["sample"].image.name), "prompt": r["sample"].question + task.prompt_suffix,
-                 "prediction": r["prediction"], "target": r["sample"].target, "score": s,
+                 "prediction": r["prediction"], "target": _target_text(r["sample"].target), "score": s,
                  "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"], "prompt_tokens": r["prompt_tokens"],
                  "output_tokens": r["output_tokens"], "batch_size": r["batch_size"], "timestamp": stamp}
                 for r, s in zip(records, scores)])
         ppath.unlink(missing_ok=True)  # the task's rows are written; nothing left to resume
         all_rows += rows
     return all_rows
+
+
+def _target_text(target) -> str:
+    """A sample's target for the samples table: the answer, or VQA's 10 answers as a JSON list."""
+    import json
+
+    return target if isinstance(target, str) else json.dumps(target)
 
 
 def _questions_hash(task: TaskConfig, root: Path) -> str:

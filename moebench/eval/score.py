@@ -48,7 +48,7 @@ def read_predictions(path: Path) -> list[dict]:
 def score_predictions(task_name: str, predictions: Path, *, data_root: Path, data_name: str, data_hash: str | None,
                       results_dir: Path, name: str | None = None, splits: list[str] | None = None) -> list[dict]:
     """Metric rows for `predictions` on `task_name`; metric and sample rows are appended to results_dir."""
-    from moebench.eval.runner import _questions_hash, score
+    from moebench.eval.runner import _questions_hash, _target_text, score
     from moebench.eval.tasks import load_samples, load_task
 
     task = load_task(task_name)
@@ -89,5 +89,5 @@ def score_predictions(task_name: str, predictions: Path, *, data_root: Path, dat
     results.append_rows(results_dir, "samples", run, [
         {"run": run, "task": task.name, "split": r["sample"].split, "question_id": r["sample"].question_id,
          "image": r["sample"].image.name, "prompt": r["sample"].question, "prediction": r["prediction"],
-         "target": r["sample"].target, "score": sc, "timestamp": stamp} for r, sc in zip(records, scores)])
+         "target": _target_text(r["sample"].target), "score": sc, "timestamp": stamp} for r, sc in zip(records, scores)])
     return rows

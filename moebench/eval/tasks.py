@@ -35,6 +35,8 @@ class TaskConfig:
     normalizer: str = ""  # for exact-match metrics: "llava" | "lmms_eval"
     headline: str = ""  # the metric a report leads with, e.g. "f1" (mean over splits) or "exact_match"
     download: str = ""  # what to fetch and where to put it, shown when a file is missing
+    annotations: str = ""  # VQAv2: the annotations file ({split} replaced), beside `questions`
+    ocr: bool = False  # TextVQA: add "Reference OCR token: ..." to the prompt, as LLaVA-1.5 does
 
 
 @dataclass
@@ -43,7 +45,7 @@ class Sample:
     split: str
     image: Path
     question: str
-    target: str
+    target: str | list[str]  # one answer, or VQA's 10 annotator answers
 
 
 def tasks_dir() -> Path:
@@ -113,6 +115,68 @@ def _gqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
         if not image.exists() and (images / f"{q['imageId']}.png").exists():
             image = images / f"{q['imageId']}.png"
         out.append(Sample(str(qid), split, image, q["question"], q["answer"]))
+    return out
+
+
+@LOADERS.register("vqav2")
+def _vqav2(task: TaskConfig, root: Path, split: str) -> list[Sample]:
+    """Official VQAv2 files: questions {questions: [{question_id, image_id, question}]} and annotations
+    {annotations: [{question_id, answers: [{answer} x 10]}]}. Images: the COCO instances file of the split
+    names them when present (annotations/instances_<split>.json), else COCO's COCO_<split>_<id:012d>.jpg."""
+    qs = json.loads(_require(root / task.questions.format(split=split), task).read_text())["questions"]
+    anns = json.loads(_require(root / task.annotations.format(split=split), task).read_text())["annotations"]
+    answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in anns}
+    names = _coco_file_names(root / "annotations" / f"instances_{split}.json")
+    images, out = root / task.images, []
+    for q in qs:
+        if q["question_id"] not in answers:
+            raise UserError(f"{task.annotations.format(split=split)}: question {q['question_id']} has no annotation; "
+                            "use the annotations file that matches the questions file")
+        name = names.get(q["image_id"], f"COCO_{split}_{q['image_id']:012d}.jpg")
+        out.append(Sample(str(q["question_id"]), split, images / name, q["question"], answers[q["question_id"]]))
+    return out
+
+
+def _coco_file_names(path: Path) -> dict[int, str]:
+    if not path.is_file():
+        return {}
+    return {im["id"]: im["file_name"] for im in json.loads(path.read_text())["images"]}
+
+
+@LOADERS.register("textvqa")
+def _textvqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
+    """Official TextVQA 0.5.1 JSON {data: [{question_id, image_id, question, answers (10), ocr_tokens}]};
+    images train_images/<image_id>.jpg (TextVQA's val images live there). With `ocr: true` the prompt
+    gets LLaVA-1.5's "Reference OCR token: a, b, c" line."""
+    data = json.loads(_require(root / task.questions.format(split=split), task).read_text())["data"]
+    images, out = root / task.images, []
+    for i, q in enumerate(data):
+        if not q.get("answers"):
+            raise UserError(f"{task.questions.format(split=split)}: record {i} (question_id {q.get('question_id')}) "
+                            "has no answers")
+        question = q["question"]
+        if task.ocr:
+            question += "\nReference OCR token: " + ", ".join(q.get("ocr_tokens", []))
+        out.append(Sample(str(q["question_id"]), split, images / f"{q['image_id']}.jpg", question, q["answers"]))
+    return out
+
+
+@LOADERS.register("scienceqa")
+def _scienceqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
+    """ScienceQA problems.json + pid_splits.json, the problems of `split` that have an image (ScienceQA-IMG);
+    prompt as LLaVA's: [Context: hint\n]question\nA. choice\nB. choice ...; the target is the letter."""
+    problems = json.loads(_require(root / task.questions, task).read_text())
+    pids = json.loads(_require(root / task.questions.replace("problems.json", "pid_splits.json"), task).read_text())
+    out = []
+    for pid in pids.get(split, []):
+        p = problems[pid]
+        if not p.get("image"):
+            continue
+        letters = "ABCDE"[: len(p["choices"])]
+        lines = ([f"Context: {p['hint']}"] if p.get("hint") else []) + [p["question"]]
+        lines += [f"{letter}. {choice}" for letter, choice in zip(letters, p["choices"])]
+        out.append(Sample(pid, split, root / task.images / split / pid / p["image"], "\n".join(lines),
+                          letters[p["answer"]]))
     return out
 
 

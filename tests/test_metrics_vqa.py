@@ -1,0 +1,248 @@
+"""VQA accuracy (official vqaEval.py) and ScienceQA multiple choice (LLaVA eval_science_qa.py).
+
+Every expected number is worked by hand from the reference algorithm in the comment next to it.
+VQA with k of the 10 annotators matching the (processed) prediction: each annotator is left out in
+turn, the k matching ones see k-1 matches among the other 9, the 10-k others see k, so
+  acc = (k * min(1, (k-1)/3) + (10-k) * min(1, k/3)) / 10
+  k=0: 0;  k=1: (0 + 9/3)/10 = 0.3;  k=2: (2/3 + 16/3)/10 = 0.6;  k=3: (3*2/3 + 7)/10 = 0.9;  k>=4: 1.0
+"""
+
+import pytest
+
+from moebench.errors import UserError
+from moebench.eval import metrics as M
+
+# ------------------------------------------------------------------------- normalisation pieces
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Two dogs.", "Two dogs"),  # '.' not before a digit is deleted; case untouched here
+        ("3.5", "3.5"),  # '.' before a digit stays
+        ("U.S.A.", "USA"),
+        ("red,blue", "red blue"),  # ',' with no blank next to it and no digit,digit: becomes a blank
+        ("red, blue", "red blue"),  # ", " occurs: every ',' is deleted
+        ("red, blue,green", "red bluegreen"),  # one ", " anywhere deletes *all* commas, even the unspaced one
+        ("1,000", "1000"),  # digit,digit (commaStrip) anywhere: every listed punctuation is deleted
+        ("1,000/yr", "1000yr"),  # ... including the '/', which would otherwise become a blank
+        ("10/yr", "10 yr"),  # no digit,digit comma: '/' becomes a blank
+        ("yes!", "yes "),  # '!' becomes a blank (processDigitArticle later drops it)
+        ("yes !", "yes "),  # " !" occurs: '!' deleted, the blank before it stays
+        ("(left)", " left "),
+        ("don't", "don't"),  # "'" is not in the punct list
+        ("a:b", "a:b"),  # neither is ':'
+        ("." * 40, "." * 8),  # re.UNICODE (32) passed as sub()'s count: only 32 periods go
+    ],
+)
+def test_vqa_process_punctuation(text, expected):
+    assert M.vqa_process_punctuation(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Two Dogs", "2 dogs"),  # lower-cased, number word -> digit
+        ("none", "0"),  # manualMap maps "none" to "0" as well
+        ("ten", "10"),
+        ("eleven", "eleven"),  # the map stops at ten
+        ("a dog", "dog"),
+        ("The Cat", "cat"),
+        ("an apple", "apple"),
+        ("banana", "banana"),  # articles are whole words only
+        ("dont", "don't"),
+        ("isnt", "isn't"),
+        ("dont know", "don't know"),
+        ("Im", "im"),  # lower-cased before the lookup, so the table's "Im" key never fires
+        ("somebody'd", "somebodyd"),  # the official table's reversed entry, kept
+        ("  a   big\tdog ", "big dog"),  # split on any whitespace, joined with single blanks
+    ],
+)
+def test_vqa_process_digit_article(text, expected):
+    assert M.vqa_process_digit_article(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Two dogs.", "2 dogs"),
+        ("1,000", "1000"),
+        ("yes!", "yes"),  # "yes " after punctuation, the split drops the blank
+        ("The answer: none.", "answer: 0"),  # ':' survives, "the" dropped, none -> 0
+    ],
+)
+def test_vqa_normalize(text, expected):
+    assert M.vqa_normalize(text) == expected
+
+
+def test_vqa_official_tables():
+    assert len(M.VQA_CONTRACTIONS) == 120  # the official dict has 120 entries
+    assert M.VQA_CONTRACTIONS["wont"] == "won't" and M.VQA_CONTRACTIONS["youve"] == "you've"
+    assert M.VQA_MANUAL_MAP["none"] == "0" and M.VQA_MANUAL_MAP["ten"] == "10" and len(M.VQA_MANUAL_MAP) == 12
+    assert M.VQA_ARTICLES == ("a", "an", "the")
+
+
+# --------------------------------------------------------------------------------- VQA scores
+
+
+@pytest.mark.parametrize(
+    "k, expected",
+    [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (7, 1.0), (10, 1.0)],  # formula in the module docstring
+)
+def test_vqa_steps(k, expected):
+    answers = ["red"] * k + ["blue"] * (10 - k)
+    assert M.vqa_score("red", answers) == pytest.approx(expected)
+
+
+def test_vqa_leave_one_out_is_by_annotator_not_by_value():
+    # dropping every answer equal to the left-out one would give k=2: (2*0 + 8*2/3)/10 = 0.533
+    assert M.vqa_score("no", ["yes"] * 8 + ["no"] * 2) == pytest.approx(0.6)
+    assert M.vqa_score("yes", ["yes"] * 8 + ["no"] * 2) == pytest.approx(1.0)  # GT-Vision-Lab/VQA issue #1
+    # any number of answers: red, blue, blue; "blue" matches 2; left out red: 2/3, each blue: 1/3
+    assert M.vqa_score("blue", ["red", "blue", "blue"]) == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 3)
+
+
+def test_vqa_number_words_and_punctuation():
+    # annotators differ, so both sides are normalised: "Two dogs." -> "2 dogs"; "two dogs" -> "2 dogs"
+    assert M.vqa_score("Two dogs.", ["2 dogs"] * 3 + ["3 dogs"] * 7) == pytest.approx(0.9)  # k=3
+    assert M.vqa_score("Two dogs.", ["2 dogs"] * 3 + ["two dogs"] + ["3 dogs"] * 6) == pytest.approx(1.0)  # k=4
+
+
+def test_vqa_none_is_zero():
+    # "none" -> "0" and "zero" -> "0": the prediction "none" meets three "0"s
+    assert M.vqa_score("none", ["0"] * 2 + ["zero"] + ["1"] * 7) == pytest.approx(0.9)  # k=3
+    # the answer "none" is mapped too, so one "none" annotator still gives k=1 (cf. VQA issue #7)
+    assert M.vqa_score("none", ["none"] + ["1"] * 9) == pytest.approx(0.3)
+
+
+def test_vqa_articles():
+    assert M.vqa_score("a dog", ["dog"] * 4 + ["cat"] * 6) == pytest.approx(1.0)  # "a dog" -> "dog", k=4
+    # the answers lose their articles too: dog, dog, "the dog" -> 3 matches
+    assert M.vqa_score("A dog", ["dog"] * 2 + ["the dog"] + ["cat"] * 7) == pytest.approx(0.9)
+
+
+def test_vqa_contractions():
+    assert M.vqa_score("dont", ["don't"] * 4 + ["no"] * 6) == pytest.approx(1.0)  # "dont" -> "don't", k=4
+    assert M.vqa_score("dont know", ["don't know"] * 2 + ["no"] * 8) == pytest.approx(0.6)  # k=2
+    assert M.vqa_score("isnt", ["isn't"] + ["is"] * 9) == pytest.approx(0.3)  # k=1
+
+
+def test_vqa_comma_between_digits():
+    assert M.vqa_score("1,000", ["1000"] * 3 + ["100"] * 7) == pytest.approx(0.9)  # "1,000" -> "1000", k=3
+
+
+def test_vqa_processing_only_when_annotators_differ():
+    # unanimous answers: only newline/tab -> blank and strip, on both sides
+    assert M.vqa_score("yes", ["yes"] * 10) == 1.0
+    assert M.vqa_score(" yes\n", ["yes"] * 10) == 1.0
+    assert M.vqa_score("yes!", ["yes"] * 10) == 0.0  # no punctuation processing (VQA issue #14)
+    assert M.vqa_score("Yes", ["yes"] * 10) == 0.0  # no lower-casing either
+    assert M.vqa_score("Two dogs.", ["2 dogs"] * 10) == 0.0  # nor number words
+    assert M.vqa_score("yes!", ["yes!"] * 10) == 1.0  # raw comparison
+    assert M.vqa_score("yes", ["yes!"] * 10) == 0.0
+    # one dissenting annotator switches processing on for everything
+    assert M.vqa_score("yes!", ["yes"] * 9 + ["no"]) == pytest.approx(1.0)  # "yes!" -> "yes", k=9
+    assert M.vqa_score("Yes", ["yes"] * 9 + ["no"]) == pytest.approx(1.0)
+    # and the annotators' punctuation goes as well: "yes!" -> "yes", k=4
+    assert M.vqa_score("yes", ["yes!"] * 4 + ["no"] * 6) == pytest.approx(1.0)
+    # whitespace cleaning comes before the test: "yes" and " yes\t" are the same answer
+    assert M.vqa_score("Yes", ["yes"] * 9 + [" yes\t"]) == 0.0
+
+
+def test_vqa_string_target_is_ten_identical_answers():
+    assert M.vqa_score("red", "red") == 1.0
+    assert M.vqa_score("Red", "red") == 0.0  # unanimous: no normalisation
+    assert M.vqa_score("red", ["red"]) == 1.0  # a one-answer list too (not leave-one-out over one)
+    assert M.vqa_score("blue", "red") == 0.0
+
+
+@pytest.mark.parametrize("bad", [[], None, ["red", 2], 3])
+def test_vqa_bad_targets(bad):
+    with pytest.raises(UserError, match="VQA target #0"):
+        M.vqa_accuracy(["red"], [bad])
+
+
+def test_vqa_accuracy():
+    preds = ["2", "yes", "no"]
+    targets = [["2"] * 10, ["yes"] * 2 + ["no"] * 8, "no"]
+    acc, scores = M.vqa_accuracy(preds, targets)
+    assert scores == pytest.approx([1.0, 0.6, 1.0])  # k=10, k=2, string target matched
+    assert acc == pytest.approx(2.6 / 3)
+    assert M.vqa_accuracy([], []) == (0.0, [])
+    with pytest.raises(UserError, match="pair up"):
+        M.vqa_accuracy(["a", "b"], ["a"])
+
+
+# ---------------------------------------------------------------------------------- ScienceQA
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("B", "B"),  # exactly an option letter
+        ("B. a cat", "B"),  # letter + ". " at the start
+        ("The answer is C.", "C"),
+        ("I think so", None),  # LLaVA's "FAILED"
+        ("The answer is C, because", "C"),  # the pattern's '.' is any character
+        ("The answer is C", None),  # ... but there must be one
+        ("The answer is A. The answer is B.", None),  # two matches: FAILED
+        ("The answer is F.", "F"),  # any capital is parsed; F is no option (counted unparsable)
+        ("Because the answer is B.", None),  # case-sensitive "The"
+        ("C. The answer is A.", "C"),  # the ". " rule comes first
+        ("b", None),  # case-sensitive
+        (" B", None),  # no strip
+        ("B.", None),  # fewer than 3 characters: not the "B. " rule
+        ("B.a cat", None),
+        ("F", None),
+    ],
+)
+def test_scienceqa_parse(text, expected):
+    assert M.scienceqa_parse(text) == expected
+
+
+def test_multiple_choice():
+    preds = ["B", "B. a cat", "The answer is C.", "I think so", "The answer is F."]
+    targets = ["B", "B", "C", "D", " E "]  # blanks around a target are ignored
+    acc, unparsable, scores = M.multiple_choice(preds, targets)
+    assert scores == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert acc == pytest.approx(0.6)  # 3/5
+    assert unparsable == pytest.approx(0.4)  # "I think so" (FAILED) and "F" (no option): 2/5
+    assert M.multiple_choice([], []) == (0.0, 0.0, [])
+    for bad in ("F", "b", "", None):
+        with pytest.raises(UserError, match="multiple-choice target #0"):
+            M.multiple_choice(["A"], [bad])
+    with pytest.raises(UserError, match="pair up"):
+        M.multiple_choice(["A"], [])
+
+
+# ----------------------------------------------------------------------- registry and baselines
+
+
+def test_registry_entries():
+    assert "vqa_accuracy" in M.METRICS and "multiple_choice" in M.METRICS
+    r = M.compute("vqa_accuracy", ["Two dogs.", "yes"], [["2 dogs"] * 3 + ["3 dogs"] * 7, "yes"])
+    assert r.values == {"accuracy": pytest.approx((0.9 + 1.0) / 2)} and r.scores == pytest.approx([0.9, 1.0])
+    r = M.compute("multiple_choice", ["B", "I think so"], ["B", "A"])
+    assert r.values == {"accuracy": 0.5, "unparsable": 0.5} and r.scores == [1.0, 0.0]
+    with pytest.raises(UserError, match="did you mean 'vqa_accuracy'"):
+        M.get_metric("vqa_acuracy")
+
+
+def test_vqa_majority_baseline_over_all_answers():
+    targets = [["red"] * 4 + ["blue"] * 6, ["blue"] * 10, ["red"] * 10]
+    # answers over the split: red 4+10 = 14, blue 6+10 = 16 -> "blue", 16 of 30
+    assert M.majority_baseline(targets) == ("blue", pytest.approx(16 / 30))
+    # "blue" scores: q1 k=6 -> 1.0, q2 k=10 -> 1.0, q3 k=0 -> 0.0; mean 2/3
+    assert M.baseline_values("vqa_accuracy", targets) == {"accuracy": pytest.approx(2 / 3)}
+    # a string target counts once
+    assert M.majority_baseline(["yes", ["no", "no"], "yes", "yes"]) == ("yes", 0.6)
+    with pytest.raises(UserError):
+        M.majority_baseline([[], []])
+
+
+def test_multiple_choice_baseline_and_old_baselines_unchanged():
+    # majority letter B (2 of 4) -> accuracy 2/4, and "B" always parses
+    assert M.baseline_values("multiple_choice", ["A", "B", "B", "C"]) == {"accuracy": 0.5, "unparsable": 0.0}
+    assert M.baseline_values("exact_match", ["left", "right", "left"]) == {"exact_match": pytest.approx(2 / 3)}
+    assert M.baseline_values("pope", ["yes", "no", "no"])["accuracy"] == pytest.approx(2 / 3)
+    assert M.majority_baseline(["b", "a", "c", "b", "a"]) == ("a", 0.4)
