@@ -71,3 +71,61 @@ def test_malformed_predictions_are_one_line_errors(root, tmp_path, capsys):
     assert code == 2 and "record 1 (question_id 1) has no answer" in err
     code, _, err = run_cli(["score", "--task", "gqa", "--predictions", tmp_path / "none.jsonl", "--data", root], capsys)
     assert code == 2 and "missing predictions file" in err
+
+
+def test_vqav2_predictions_scored_with_official_vqa_accuracy(root, tmp_path, capsys):
+    """Predicting each question's first annotator answer scores the official leave-one-out accuracy."""
+    from moebench.eval.metrics import vqa_score
+
+    anns = json.loads((root / "vqav2" / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    path = tmp_path / "vqa.json"  # the VQAv2 submission layout: a JSON list
+    path.write_text(json.dumps([{"question_id": a["question_id"], "answer": a["answers"][0]["answer"]} for a in anns]))
+    code, _, err = run_cli(["score", "--task", "vqav2", "--predictions", path, "--data", root,
+                            "--results", tmp_path / "res"], capsys)
+    assert code == 0, err
+    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "accuracy"]
+    expected = sum(vqa_score(a["answers"][0]["answer"], [x["answer"] for x in a["answers"]]) for a in anns) / len(anns)
+    assert row["value"] == pytest.approx(expected)
+    assert 0.3 < row["value"] < 1.0  # annotators disagree, so some questions score below 1
+
+
+def test_question_without_answer_and_broken_image_are_one_line_errors(root, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "root"
+    shutil.copytree(root / "vqav2", bad / "vqav2")
+    anns = json.loads((bad / "vqav2" / "v2_mscoco_val2014_annotations.json").read_text())
+    dropped = anns["annotations"].pop(0)["question_id"]
+    (bad / "vqav2" / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(anns))
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"question_id": dropped, "answer": "yes"}) + "\n")
+    code, _, err = run_cli(["score", "--task", "vqav2", "--predictions", path, "--data", bad], capsys)
+    assert code == 2 and f"question {dropped} has no annotation" in err and "v2_mscoco_val2014_annotations" in err
+
+    from moebench.data.images import load_image
+    from moebench.errors import UserError
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(UserError, match="broken.png does not decode"):
+        load_image(broken)
+
+
+def test_per_split_pope_and_mean_f1():
+    """Two POPE splits scored by the runner: per-split F1 and their mean."""
+    from pathlib import Path
+
+    from moebench.eval.runner import score
+    from moebench.eval.tasks import Sample, load_task
+
+    def rec(split, target, pred):
+        return {"sample": Sample("1", split, Path("x.png"), "q", target), "prediction": pred}
+
+    # split a: 2 yes, 2 no; predicted yes, yes, yes, no -> TP 2, FP 1, FN 0: P 2/3, R 1, F1 0.8
+    # split b: predicted no everywhere -> TP 0: F1 0
+    records = [rec("a", "yes", "Yes"), rec("a", "yes", "yes"), rec("a", "no", "Yes."), rec("a", "no", "No"),
+               rec("b", "yes", "no"), rec("b", "no", "No, not at all")]
+    rows, scores = score(load_task("pope"), records)
+    f1 = {r["split"]: r["value"] for r in rows if r["metric"] == "f1"}
+    assert f1["a"] == pytest.approx(0.8) and f1["b"] == 0.0 and f1["mean"] == pytest.approx(0.4)
+    assert scores == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moebench.errors import MissingFile
+from moebench.errors import MissingFile, UserError
 
 
 def load_image(path: Path):
@@ -15,8 +15,14 @@ def load_image(path: Path):
     path = Path(path)
     if not path.is_file():
         raise MissingFile(path, "image", "check the data root and the image folder of the task or stage")
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"image {path} does not decode ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        "re-download it or remove the record that names it") from None
 
 
 def preprocess(image, size: int, mean, std, aspect: str = "pad"):
