@@ -176,6 +176,42 @@ class RoEConfig:
 
 
 @dataclass
+class ViTConfig:
+    """A ViMoE backbone: open_clip's VisionTransformer from `arch` (an open_clip config name, e.g.
+    ViT-B-16) or from the sizes; `moe` turns chosen block MLPs into experts."""
+
+    arch: str | None = None
+    pretrained: str | None = None  # local weights of the tower (.safetensors / .pt)
+    image_size: int = 64
+    patch_size: int = 16
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    moe: MoEConfig | None = None
+    routing_unit: Literal["token", "image"] = "token"  # image: one assignment per image from the class token
+
+
+def validate_vit(v: ViTConfig, where: str = "vit") -> None:
+    if v.arch is None:
+        if v.image_size % v.patch_size:
+            raise UserError(f"{where}.image_size={v.image_size} is not divisible by {where}.patch_size={v.patch_size}; "
+                            "choose sizes whose ratio is a whole number of patches")
+        if v.width % v.heads:
+            raise UserError(f"{where}.width={v.width} must be divisible by {where}.heads={v.heads}")
+    m = v.moe
+    if m is None:
+        return
+    if not 1 <= m.top_k <= m.num_experts:
+        raise UserError(f"{where}.moe.top_k={m.top_k} must be between 1 and {where}.moe.num_experts={m.num_experts}")
+    if v.arch is None and isinstance(m.layers, list):
+        bad = [i for i in m.layers if not 0 <= i < v.layers]
+        if bad:
+            raise UserError(f"{where}.moe.layers: block {bad[0]} is out of range for a ViT with {v.layers} blocks "
+                            f"(use 0..{v.layers - 1})")
+
+
+@dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["pope", "gqa"])
     batch_size: int = 16

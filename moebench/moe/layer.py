@@ -164,8 +164,9 @@ class MoEBlock(nn.Module):
 
     def __init__(self, experts: nn.Module, hidden: int, top_k: int, *, capacity_factor: float | None = None,
                  eval_capacity_factor: float | None = None, shared: nn.Module | None = None,
-                 shared_gate: bool = False):
+                 shared_gate: bool = False, routing_unit: str = "token"):
         super().__init__()
+        self.routing_unit = routing_unit  # token, or image: one assignment per image from its first (class) token
         self.num_experts = experts.num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
@@ -196,9 +197,16 @@ class MoEBlock(nn.Module):
         shape = x.shape  # (B, T, d)
         flat = x.reshape(-1, shape[-1])  # (N, d)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
-        r = route(self.router_logits(flat), self._valid(shape, x.device), self.top_k, cf)
+        if self.routing_unit == "image":  # ViMoE: route each image by its class token, all its tokens alike
+            valid = torch.ones(shape[0], dtype=torch.bool, device=x.device)
+            r = route(self.router_logits(x[:, 0]), valid, self.top_k, cf)  # (B, k)
+            index = r.index.repeat_interleave(shape[1], dim=0)  # (N, k)
+            weight = r.weight.repeat_interleave(shape[1], dim=0)
+        else:
+            r = route(self.router_logits(flat), self._valid(shape, x.device), self.top_k, cf)
+            index, weight = r.index, r.weight
         self.last = r
-        out = self.experts(flat, r.index, r.weight.to(flat.dtype))  # (N, d)
+        out = self.experts(flat, index, weight.to(flat.dtype))  # (N, d)
         if self.shared_expert is not None:
             s = self.shared_expert(flat)
             if self.shared_gate is not None:

@@ -22,7 +22,7 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     return llm.model.layers
 
 
-def _experts_from(mlp: nn.Module, num_experts: int, act: str, impl: str, empty: bool = False) -> nn.Module:
+def experts_from(mlp: nn.Module, num_experts: int, act: str, impl: str, empty: bool = False) -> nn.Module:
     """Stacked experts, each a copy of `mlp` (or uninitialised shapes only, when `empty`)."""
     cfg = ExpertsConfig(impl)
     if hasattr(mlp, "gate_proj"):  # SwiGLU
@@ -42,9 +42,18 @@ def _experts_from(mlp: nn.Module, num_experts: int, act: str, impl: str, empty: 
                 ex.up_proj_bias.copy_(mlp.fc1.bias.expand(num_experts, -1))
                 ex.down_proj.copy_(mlp.fc2.weight.expand(num_experts, -1, -1))
                 ex.down_proj_bias.copy_(mlp.fc2.bias.expand(num_experts, -1))
+    elif hasattr(mlp, "c_fc"):  # open_clip ViT block MLP: c_fc, GELU, c_proj
+        f, d = mlp.c_fc.weight.shape
+        ex = PlainExperts(cfg, num_experts, d, f, act)
+        if not empty:
+            with torch.no_grad():
+                ex.up_proj.copy_(mlp.c_fc.weight.expand(num_experts, -1, -1))
+                ex.up_proj_bias.copy_(mlp.c_fc.bias.expand(num_experts, -1))
+                ex.down_proj.copy_(mlp.c_proj.weight.expand(num_experts, -1, -1))
+                ex.down_proj_bias.copy_(mlp.c_proj.bias.expand(num_experts, -1))
     else:
-        raise UserError(f"cannot upcycle {type(mlp).__name__}: moebench knows SwiGLU (gate_proj/up_proj/down_proj) "
-                        "and Phi (fc1/fc2) FFNs")
+        raise UserError(f"cannot upcycle {type(mlp).__name__}: moebench knows SwiGLU (gate_proj/up_proj/down_proj), "
+                        "Phi (fc1/fc2) and open_clip ViT (c_fc/c_proj) FFNs")
     return ex.to(device=_device(mlp), dtype=_dtype(mlp))
 
 
@@ -56,11 +65,11 @@ def _dtype(m: nn.Module):
     return next(m.parameters()).dtype
 
 
-def _shared_from(mlp: nn.Module) -> nn.Module:
+def shared_from(mlp: nn.Module) -> nn.Module:
     import copy
 
     shared = copy.deepcopy(mlp)
-    out = shared.down_proj if hasattr(shared, "down_proj") else shared.fc2
+    out = next(getattr(shared, n) for n in ("down_proj", "fc2", "c_proj") if hasattr(shared, n))
     with torch.no_grad():
         out.weight.zero_()
         if out.bias is not None:
@@ -87,8 +96,8 @@ def upcycle(llm: nn.Module, cfg: MoEConfig, *, implementation: str | None = None
         mlp = layers[i].mlp
         if isinstance(mlp, MoEBlock):
             raise UserError(f"layer {i} is already an MoE layer; upcycle a dense model")
-        experts = _experts_from(mlp, cfg.num_experts, act, impl, empty=empty)
-        shared = None if cfg.shared_expert == "none" else _shared_from(mlp)
+        experts = experts_from(mlp, cfg.num_experts, act, impl, empty=empty)
+        shared = None if cfg.shared_expert == "none" else shared_from(mlp)
         block = MoEBlock(experts, hidden, cfg.top_k, capacity_factor=cfg.capacity_factor,
                          eval_capacity_factor=cfg.eval_capacity_factor, shared=shared,
                          shared_gate=cfg.shared_expert == "gated").to(_device(mlp))

@@ -1,0 +1,1 @@
+"""The ViMoE vision track: ViT backbones with MoE blocks, classification and segmentation."""

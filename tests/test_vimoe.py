@@ -1,0 +1,83 @@
+"""ViMoE backbones: upcycled ViT equals its dense parent; image-level routing; heads; sliding windows; configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moebench.config import MoEConfig, ViTConfig, from_dict, validate_vit
+from moebench.errors import UserError
+from moebench.vision.vit import (ViTClassifier, ViTSegmenter, add_vision_moe, build_vit, slide_inference,
+                                 vision_moe_blocks)
+
+TINY = ViTConfig(image_size=32, patch_size=8, width=32, layers=3, heads=2)
+
+
+@pytest.mark.parametrize("unit", ["token", "image"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("shared", ["none", "gated"])
+def test_upcycled_vit_equals_dense_parent(unit, top_k, shared):
+    torch.manual_seed(0)
+    vit = build_vit(TINY).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        pooled, tokens = vit(x)
+        layers = add_vision_moe(vit, MoEConfig(num_experts=4, top_k=top_k, layers="all", shared_expert=shared), unit)
+        pooled2, tokens2 = vit(x)
+    assert layers == [0, 1, 2] and len(vision_moe_blocks(vit)) == 3
+    assert torch.allclose(pooled, pooled2, atol=1e-5) and torch.allclose(tokens, tokens2, atol=1e-5)
+
+
+def test_image_routing_gives_every_token_of_an_image_the_same_experts():
+    torch.manual_seed(0)
+    vit = build_vit(TINY).eval()
+    add_vision_moe(vit, MoEConfig(num_experts=4, top_k=1, layers=[1]), "image")
+    (_, block), = vision_moe_blocks(vit)
+    torch.nn.init.normal_(block.router.weight, std=3.0)  # make images disagree
+    seen = []
+    block.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    with torch.no_grad():
+        vit(torch.randn(4, 3, 32, 32))
+    index = seen[0].view(4, -1)  # (images, tokens): the expert of every token
+    assert block.last.index.shape == (4, 1)  # one decision per image
+    assert all(len(set(row.tolist())) == 1 for row in index)
+    assert torch.equal(index[:, 0], block.last.index[:, 0])
+
+
+def test_heads_shapes_and_sliding_window():
+    torch.manual_seed(0)
+    seg = ViTSegmenter(build_vit(TINY), num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        whole = seg(x)
+    assert whole.shape == (2, 5, 32, 32)
+    assert torch.allclose(slide_inference(seg, x, crop=32, stride=16), whole, atol=1e-6)  # one window = whole image
+    big = torch.randn(1, 3, 48, 40)
+    out = slide_inference(seg, big, crop=32, stride=16)
+    assert out.shape == (1, 5, 48, 40)
+    with torch.no_grad():  # the top-left corner is covered by the first window only
+        assert torch.allclose(out[..., :16, :8], seg(big[:, :, :32, :32])[..., :16, :8], atol=1e-6)
+    cls = ViTClassifier(build_vit(TINY), num_classes=8)
+    assert cls(x).shape == (2, 8)
+
+
+def test_open_clip_config_names_build_real_architectures():
+    vit = build_vit(ViTConfig(arch="ViT-B-16"))
+    assert vit.transformer.width == 768 and len(vit.transformer.resblocks) == 12
+    with pytest.raises(UserError, match="not an open_clip model config"):
+        build_vit(ViTConfig(arch="ViT-Q-99"))
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (ViTConfig(image_size=30, patch_size=8), "vit.image_size=30 is not divisible by vit.patch_size=8"),
+    (ViTConfig(layers=4, moe=MoEConfig(layers=[0, 4])), "vit.moe.layers: block 4 is out of range for a ViT with 4 blocks"),
+    (ViTConfig(moe=MoEConfig(num_experts=2, top_k=3)), "vit.moe.top_k=3 must be between 1 and vit.moe.num_experts=2"),
+])
+def test_bad_vit_configs(cfg, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_vit(cfg)
+
+
+def test_unknown_routing_unit():
+    with pytest.raises(UserError, match="routing_unit='patch' is not allowed"):
+        from_dict(ViTConfig, {"routing_unit": "patch"}, "vit")
