@@ -46,6 +46,11 @@ def train(
     from moebench.train.pipeline import train as run_train
 
     rec = load_recipe(recipe, overrides or [])
+    if getattr(rec, "kind", None) == "vision":  # ViMoE: dense parent, then each variant, each evaluated
+        from moebench.vision.train import train_vision
+
+        _print_headlines(train_vision(rec, runs_dir=runs, results_dir=results, progress=progress))
+        return
     run = run_train(rec, runs_dir=runs, results_dir=results, resume=resume, progress=progress)
     err.print(f"[green]trained[/] {run.dir} (final loss {run.meta['final_loss']:.4f}, {run.meta['train_seconds']:.0f}s)")
     if eval_ and rec.eval.tasks:
@@ -159,7 +164,11 @@ def plan(
     from moebench.config import load_recipe
     from moebench.moe.plan import plan as make_plan
 
-    p = make_plan(load_recipe(recipe, overrides or []), text_tokens=text_tokens)
+    rec = load_recipe(recipe, overrides or [])
+    if getattr(rec, "kind", None) == "vision":
+        raise UserError(f"{recipe} is a vision (ViMoE) recipe; `moebench plan` sizes VLM recipes "
+                        "(a vision run's rows carry its params total and activated)")
+    p = make_plan(rec, text_tokens=text_tokens)
     if as_json:
         print(json.dumps(p, indent=1))
         return

@@ -425,12 +425,51 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _merge(base, raw)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe YAML (following `extends:`), apply key=value overrides, type-check and validate."""
+@dataclass
+class VisionTrainConfig:
+    """One training phase of a vision recipe (AdamW, cosine with warmup)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 64
+    grad_clip: float = 1.0
+    log_every: int = 10
+
+
+@dataclass
+class VisionRecipe:
+    """ViMoE: a ViT trained on classification or segmentation, dense first, then each variant from it:
+    dense (trained on), moe (upcycled), moe_shared (upcycled with a shared expert)."""
+
+    name: str = ""
+    kind: Literal["vision"] = "vision"
+    seed: int = 0
+    task: Literal["cls", "seg"] = "cls"
+    data: DataConfig = field(default_factory=DataConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    shared_expert: Literal["plain", "gated"] = "plain"  # the kind the moe_shared variant uses
+    variants: list[Literal["dense", "moe", "moe_shared"]] = field(default_factory=lambda: ["dense", "moe", "moe_shared"])
+    pretrain: VisionTrainConfig = field(default_factory=VisionTrainConfig)  # the dense parent
+    finetune: VisionTrainConfig = field(default_factory=VisionTrainConfig)  # every variant, same steps
+    eval_batch_size: int = 64
+    slide_stride: int | None = None  # seg: sliding-window inference with this stride (crop = vit.image_size)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe | VisionRecipe:
+    """Read a recipe YAML (following `extends:`), apply key=value overrides, type-check and validate.
+    `kind: vision` makes it a ViMoE recipe."""
     path = Path(path)
     raw = _read_raw(path)
     for o in overrides:
         apply_override(raw, o)
+    if raw.get("kind") == "vision":
+        recipe = from_dict(VisionRecipe, raw)
+        validate_vit(dataclasses.replace(recipe.vit, moe=recipe.moe))
+        return recipe
     recipe = from_dict(Recipe, raw)
     validate(recipe)
     return recipe

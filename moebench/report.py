@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HEADLINES = {"pope": ("mean", "f1"), "gqa": (None, "exact_match")}
+HEADLINES = {"pope": ("mean", "f1"), "gqa": (None, "exact_match"), "cls": (None, "top1"), "seg": (None, "mIoU")}
 
 
 def _headline(task: str) -> tuple[str | None, str]:

@@ -81,3 +81,27 @@ def test_bad_vit_configs(cfg, message):
 def test_unknown_routing_unit():
     with pytest.raises(UserError, match="routing_unit='patch' is not allowed"):
         from_dict(ViTConfig, {"routing_unit": "patch"}, "vit")
+
+
+@pytest.mark.parametrize("recipe, metric", [("vimoe_shapes_cls.yaml", "top1"), ("vimoe_shapes_seg.yaml", "mIoU")])
+def test_vision_recipes_train_three_variants(tmp_path, capsys, recipe, metric):
+    """Dense, MoE and MoE + shared expert from one dense parent; rows with params and throughput."""
+    import json
+
+    from conftest import REPO, run_cli
+    from moebench import results
+
+    tiny = ["data.world.n_train=200", "data.world.n_val=900", "data.world.image_size=32", "vit.image_size=32",
+            "vit.patch_size=8", "vit.width=32", "vit.heads=2", "pretrain.max_steps=2", "finetune.max_steps=2",
+            "eval_batch_size=128"]
+    code, _, err = run_cli(["train", REPO / "recipes" / recipe, *tiny, "--runs", tmp_path / "runs",
+                            "--results", tmp_path / "res", "--no-progress"], capsys)
+    assert code == 0, err
+    rows = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == metric]
+    assert sorted(r["variant"] for r in rows) == ["dense", "moe", "moe_shared"]
+    by = {r["variant"]: r for r in rows}
+    assert by["dense"]["params_activated"] == by["dense"]["params_total"]
+    assert by["moe"]["params_activated"] < by["moe"]["params_total"]
+    assert by["moe_shared"]["params_activated"] > by["moe"]["params_activated"]  # + the shared expert
+    assert all(0 <= r["value"] <= 1 and r["samples_per_s"] > 0 for r in rows)
+    assert sorted(json.loads(by["moe"]["extra"])["expert_load"]) == ["2", "3"]

@@ -122,7 +122,7 @@ def run_stage(
                 if after_backward is not None:  # e.g. STGC: losses that need this step's gradients
                     logs = {**logs, **after_backward(1.0 / stage.grad_accum)}
                 acc_loss += loss.item() / stage.grad_accum
-                acc_tokens += int(batch["attention_mask"].sum())
+                acc_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
                 for k, v in logs.items():
                     v = v.detach().float().cpu() if torch.is_tensor(v) else torch.tensor(float(v))
                     acc_logs[k] = acc_logs.get(k, 0.0) + v / stage.grad_accum
