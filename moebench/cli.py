@@ -20,6 +20,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Generate or inspect datasets.
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(no_args_is_help=True, help="Micro-benchmarks; timings are ratios taken in one run.")
 app.add_typer(bench_app, name="bench")
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of trained runs.")
+app.add_typer(analyze_app, name="analyze")
 err = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)  # piped / logged tables keep their columns
 
@@ -299,6 +301,42 @@ def bench_roe(
                   f"{x['bound_1_minus_0.7s']:.3f}")
     out.print(t)
     out.print(f"skip rate per layer: {r['skip_rate']}")
+
+
+@analyze_app.command("routing")
+def analyze_routing(
+    run: Path = typer.Argument(..., help="A run directory: a vision MoE run, or an LLM MoE run (its expert load)."),
+    results: Path = RESULTS,
+    png: Optional[Path] = typer.Option(None, "--png", help="Where to write the heatmap (default: results/<run>/routing.png)."),
+):
+    """Class x expert routing matrices, purity and entropy per MoE layer (rows + heatmap PNG)."""
+    from rich.table import Table
+
+    meta_file = run / "run.json"
+    if not meta_file.is_file():
+        raise UserError(f"{run} is not a run directory (no run.json); pass a directory under runs/")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("recipe", {}).get("kind") == "vision":
+        from moebench.vision.analyze import analyze_vision_run
+
+        r = analyze_vision_run(run, results, png)
+        t = Table(title=f"routing of {r['run']}")
+        for col in ("layer", "purity", "entropy (nats)"):
+            t.add_column(col, justify="right")
+        for layer, v in r["layers"].items():
+            t.add_row(str(layer), f"{v['purity']:.3f}", f"{v['entropy']:.3f}")
+        out.print(t)
+        out.print(f"heatmap: {r['png']}")
+        return
+    from moebench.vision.analyze import llm_expert_load
+
+    for task, loads in llm_expert_load(meta["name"], results).items():
+        t = Table(title=f"{meta['name']}: expert load on {task}")
+        t.add_column("layer")
+        t.add_column("share of routed pairs per expert")
+        for layer, shares in loads.items():
+            t.add_row(layer, "  ".join(f"{x:.3f}" for x in shares))
+        out.print(t)
 
 
 @data_app.command("shapes")

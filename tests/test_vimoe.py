@@ -105,3 +105,24 @@ def test_vision_recipes_train_three_variants(tmp_path, capsys, recipe, metric):
     assert by["moe_shared"]["params_activated"] > by["moe"]["params_activated"]  # + the shared expert
     assert all(0 <= r["value"] <= 1 and r["samples_per_s"] > 0 for r in rows)
     assert sorted(json.loads(by["moe"]["extra"])["expert_load"]) == ["2", "3"]
+    # routing analysis of the MoE run: matrices, purity / entropy rows, a PNG
+    run_dir = tmp_path / "runs" / by["moe"]["run"]
+    code, out, err = run_cli(["analyze", "routing", run_dir, "--results", tmp_path / "res"], capsys)
+    assert code == 0, err
+    routing = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["task"] == "routing"]
+    assert {r["split"] for r in routing} == {"layer2", "layer3"}
+    purity = [r for r in routing if r["metric"] == "purity"]
+    assert all(1 / 8 - 1e-9 <= r["value"] <= 1 for r in purity)
+    matrix = json.loads(purity[0]["extra"])["matrix"]
+    assert len(matrix) == 8 and sum(map(sum, matrix)) > 0
+    assert (tmp_path / "res" / by["moe"]["run"] / "routing.png").is_file()
+
+
+def test_purity_and_entropy_hand_worked():
+    from moebench.vision.analyze import purity_entropy
+
+    specialised = torch.tensor([[10.0, 0.0], [0.0, 5.0]])  # each class to its own expert
+    assert purity_entropy(specialised) == (1.0, 0.0)
+    mixed = torch.tensor([[5.0, 5.0], [5.0, 5.0]])  # no specialisation: purity 10/20, entropy ln 2
+    p, h = purity_entropy(mixed)
+    assert p == pytest.approx(0.5) and h == pytest.approx(0.6931, abs=1e-4)

@@ -1,0 +1,139 @@
+"""`moebench analyze routing RUN`: which classes each expert receives, per MoE layer.
+
+For a vision MoE run: on the held-out set, M_l[c, e] counts the first-choice routings to expert e of
+the tokens (or images, with image routing) of images of class c, at MoE layer l. Per layer:
+  purity  = sum_e max_c M[c, e] / sum M     (1: every expert serves one class; 1/C: no specialisation)
+  entropy = mean_c H(M[c, :] / sum_e M[c, e])   in nats (0: each class always goes to one expert)
+Rows go to the metrics table (task "routing", split "layer<l>", the matrix in `extra`), and a PNG
+heatmap shows each layer's row-normalised matrix (rows: classes, columns: experts; darker = more of
+that class's routing). Layers whose rows are each one dark cell, different per class, have
+specialised experts; uniform grey rows mean the layer routes without regard to class (a candidate to
+stay dense). For an LLM MoE run the command prints the per-layer expert load from its eval rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from moebench import results
+from moebench.errors import UserError
+
+
+def routing_matrices(model, dataset, batch_size: int = 128) -> dict[int, torch.Tensor]:
+    """{layer: (classes, experts) counts of first-choice routings}, classes from the image labels."""
+    from moebench.vision.train import _collate
+    from moebench.vision.vit import vision_moe_blocks
+
+    blocks = vision_moe_blocks(model.vit)
+    n_classes = len(dataset.classes)
+    mats = {i: torch.zeros(n_classes, b.num_experts) for i, b in blocks}
+    current = {}
+
+    def hook(i):
+        def fn(block, args, output) -> None:
+            first = block.last.index[:, 0]  # (images,) with image routing, (images * tokens,) otherwise
+            per_image = first.view(current["labels"].shape[0], -1)  # (B, units)
+            for label, row in zip(current["labels"], per_image):
+                mats[i][label] += torch.bincount(row, minlength=block.num_experts).float().cpu()
+        return fn
+
+    handles = [b.register_forward_hook(hook(i)) for i, b in blocks]
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[k] for k in range(start, min(len(dataset), start + batch_size))]
+            batch = _collate(items)
+            current["labels"] = torch.tensor([dataset.classes.index(dataset.labels[dataset.files[k]])
+                                              for k in range(start, start + len(items))])
+            model(batch["pixel_values"])
+    for h in handles:
+        h.remove()
+    return mats
+
+
+def purity_entropy(m: torch.Tensor) -> tuple[float, float]:
+    total = m.sum()
+    purity = float(m.max(0).values.sum() / total) if total > 0 else math.nan
+    rows = m[m.sum(1) > 0]
+    p = rows / rows.sum(1, keepdim=True)
+    entropy = float(-(p * p.clamp(min=1e-12).log()).sum(1).mean()) if len(rows) else math.nan
+    return purity, entropy
+
+
+def heatmap_png(mats: dict[int, torch.Tensor], classes: list[str], path: Path, cell: int = 22) -> Path:
+    """Row-normalised matrices side by side, one per layer, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    label_w, top = 80, 18
+    width = label_w + sum(m.shape[1] * cell + 12 for m in mats.values())
+    height = top + len(classes) * cell + 4
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for r, name in enumerate(classes):
+        draw.text((2, top + r * cell + 6), name[:12], fill=(0, 0, 0))
+    x0 = label_w
+    for layer, m in mats.items():
+        draw.text((x0, 2), f"layer {layer}", fill=(0, 0, 0))
+        share = m / m.sum(1, keepdim=True).clamp(min=1)
+        for r in range(m.shape[0]):
+            for e in range(m.shape[1]):
+                v = int(255 * (1 - float(share[r, e])))
+                draw.rectangle([x0 + e * cell, top + r * cell, x0 + (e + 1) * cell - 2, top + (r + 1) * cell - 2],
+                               fill=(v, v, 255))
+        x0 += m.shape[1] * cell + 12
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def analyze_vision_run(run_dir: Path, results_dir: Path, out_png: Path | None = None) -> dict:
+    from safetensors.torch import load_model
+
+    from moebench.config import VisionRecipe, from_dict
+    from moebench.data.sources import resolve
+    from moebench.vision.train import SEG_CLASSES, ShapesVision, _model
+    from moebench.vision.vit import add_vision_moe
+
+    meta = json.loads((run_dir / "run.json").read_text())
+    recipe = from_dict(VisionRecipe, meta["recipe"])
+    src = resolve(recipe.data.source, recipe.data.world, progress=False)
+    val = ShapesVision(src.root, "val", "cls", recipe.vit)  # image classes label the routing
+    n_out = len(val.classes) if recipe.task == "cls" else SEG_CLASSES
+    model = _model(recipe, n_out)
+    if meta["variant"] == "dense":
+        raise UserError(f"{run_dir} is a dense run; analyze a moe or moe_shared run")
+    import dataclasses
+
+    shared = recipe.shared_expert if meta["variant"] == "moe_shared" else "none"
+    add_vision_moe(model.vit, dataclasses.replace(recipe.moe, shared_expert=shared), recipe.vit.routing_unit)
+    load_model(model, str(run_dir / "model.safetensors"))
+    mats = routing_matrices(model, val)
+    stamp = results.utc_now()
+    rows, summary = [], {}
+    for layer, m in mats.items():
+        purity, entropy = purity_entropy(m)
+        summary[layer] = {"purity": purity, "entropy": entropy}
+        for metric, value in (("purity", purity), ("entropy", entropy)):
+            rows.append({"run": meta["name"], "variant": meta["variant"], "task": "routing", "split": f"layer{layer}",
+                         "metric": metric, "value": value, "baseline": 1 / len(val.classes) if metric == "purity" else None,
+                         "n": len(val), "dataset": src.name, "dataset_hash": src.hash, "recipe": recipe.name,
+                         "extra": {"classes": val.classes, "matrix": m.tolist()}, "timestamp": stamp})
+    results.append_rows(results_dir, "metrics", meta["name"], rows)
+    png = heatmap_png(mats, val.classes, out_png or (results_dir / meta["name"] / "routing.png"))
+    return {"run": meta["name"], "layers": summary, "png": str(png)}
+
+
+def llm_expert_load(run_name: str, results_dir: Path) -> dict:
+    rows = [r for r in results.read_rows([results_dir], "metrics") if r["run"] == run_name and r.get("extra")]
+    loads = {}
+    for r in rows:
+        extra = json.loads(r["extra"])
+        if "expert_load" in extra:
+            loads[r["task"]] = extra["expert_load"]
+    if not loads:
+        raise UserError(f"no expert load recorded for {run_name} in {results_dir}; evaluate an MoE run first")
+    return loads
