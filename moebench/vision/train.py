@@ -22,7 +22,7 @@ from moebench import __version__, results
 from moebench.config import STAGE_FORMAT, StageConfig, VisionRecipe, to_dict
 from moebench.data.images import load_image, preprocess
 from moebench.data.sources import resolve
-from moebench.errors import MissingFile
+from moebench.errors import MissingFile, UserError
 from moebench.runs import git_commit
 from moebench.train.loop import run_stage
 from moebench.vision.vit import ViTClassifier, ViTSegmenter, add_vision_moe, build_vit, slide_inference
@@ -59,6 +59,47 @@ class ShapesVision:
         from PIL import Image
 
         return {"pixel_values": pixels, "labels": torch.from_numpy(np.array(Image.open(self.maps / f), dtype=np.int64))}
+
+
+class ADE20KSeg:
+    """ADEChallengeData2016 (150 classes, reduce_zero_label): images and labels resized to the ViT's
+    input for training; `original_label` gives the full-resolution map the metrics compare against."""
+
+    classes = [str(i) for i in range(150)]
+
+    def __init__(self, root: Path, split: str, vit_cfg):
+        from moebench.vision.seg_data import read_ade20k
+
+        self.pairs = read_ade20k(root, {"train": "training", "val": "validation"}[split])
+        self.vit = vit_cfg
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def original_label(self, i: int) -> torch.Tensor:
+        from moebench.vision.seg_data import load_label
+        from moebench.vision.seg_metrics import reduce_zero_label_map
+
+        return torch.from_numpy(reduce_zero_label_map(load_label(self.pairs[i][1])).astype("int64"))
+
+    def __getitem__(self, i: int) -> dict:
+        from moebench.config import CLIP_MEAN, CLIP_STD
+
+        size = self.vit.image_size
+        pixels = preprocess(load_image(self.pairs[i][0]), size, CLIP_MEAN, CLIP_STD, "resize")
+        label = self.original_label(i)[None, None].float()
+        label = nn.functional.interpolate(label, size=(size, size), mode="nearest")[0, 0].long()
+        return {"pixel_values": pixels, "labels": label}
+
+
+def _datasets(recipe: VisionRecipe, src):
+    """Train and val sets: the shapes world, or ADE20K under a data root (segmentation)."""
+    if recipe.data.source == "shapes":  # the embedded world
+        return (ShapesVision(src.root, "train", recipe.task, recipe.vit),
+                ShapesVision(src.root, "val", recipe.task, recipe.vit))
+    if recipe.task != "seg":
+        raise UserError("a data root is read as ADE20K, a segmentation dataset; set task: seg (or data.source: shapes)")
+    return ADE20KSeg(src.root, "train", recipe.vit), ADE20KSeg(src.root, "val", recipe.vit)
 
 
 def _collate(batch: list[dict]) -> dict:
@@ -107,9 +148,9 @@ def train_vision(recipe: VisionRecipe, *, runs_dir: Path, results_dir: Path, pro
     from moebench.models.checkpoint import atomic_dir
 
     src = resolve(recipe.data.source, recipe.data.world, progress=progress)
-    train_set = ShapesVision(src.root, "train", recipe.task, recipe.vit)
-    val_set = ShapesVision(src.root, "val", recipe.task, recipe.vit)
-    n_classes = len(train_set.classes) if recipe.task == "cls" else SEG_CLASSES
+    train_set, val_set = _datasets(recipe, src)
+    n_classes = len(train_set.classes) if recipe.task == "cls" else (
+        SEG_CLASSES if isinstance(train_set, ShapesVision) else len(ADE20KSeg.classes))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = {"task": recipe.task, "vit": to_dict(recipe.vit), "data": src.hash, "seed": recipe.seed,
             "pretrain": to_dict(recipe.pretrain), "format": STAGE_FORMAT}
@@ -194,6 +235,11 @@ def evaluate_vision(model, recipe: VisionRecipe, dataset, n_classes: int, *, run
             best = logits.topk(min(5, n_classes), dim=-1).indices
             top1 += int((best[:, 0] == labels).sum())
             top5 += int((best == labels[:, None]).any(-1).sum())
+        elif hasattr(dataset, "original_label"):  # compare at the label's original resolution
+            for k, lg in zip(idx, logits):
+                full = dataset.original_label(k)
+                up = nn.functional.interpolate(lg[None], size=full.shape, mode="bilinear", align_corners=False)
+                seg.update(up[0].argmax(0).numpy(), full.numpy())
         else:
             pred = logits.argmax(1)
             for p, lab in zip(pred, labels):
@@ -203,7 +249,7 @@ def evaluate_vision(model, recipe: VisionRecipe, dataset, n_classes: int, *, run
         h.remove()
     if recipe.task == "cls":
         values = {"top1": top1 / n, "top5": top5 / n}
-        majority = max(set(dataset.labels.values()), key=list(dataset.labels.values()).count)
+        majority = max(set(dataset.labels.values()), key=list(dataset.labels.values()).count)  # shapes only
         share = list(dataset.labels.values()).count(majority) / len(dataset.labels)
         baselines = {"top1": share, "top5": None}
     else:
