@@ -154,3 +154,36 @@ def test_ade20k_layout_trains_and_scores_at_label_resolution(tmp_path):
     rows = train_vision(recipe, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res", progress=False)
     assert {(r["variant"], r["metric"]) for r in rows} >= {("dense", "mIoU"), ("moe", "mIoU"), ("moe_shared", "aAcc")}
     assert all(0 <= r["value"] <= 1 for r in rows)
+
+
+def test_image_folder_classification(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from conftest import REPO
+    from moebench.config import load_recipe
+    from moebench.vision.train import train_vision
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog", "owl"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    recipe = load_recipe(REPO / "recipes" / "vimoe_shapes_cls.yaml", [
+        f"data.source={tmp_path}", "vit.image_size=32", "vit.patch_size=8", "vit.width=32", "vit.heads=2",
+        "pretrain.max_steps=1", "finetune.max_steps=1", "variants=[dense,moe]"])
+    rows = train_vision(recipe, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res", progress=False)
+    top5 = [r for r in rows if r["metric"] == "top5"]
+    assert [r["variant"] for r in top5] == ["dense", "moe"] and all(r["value"] == 1.0 for r in top5)  # 3 classes
+
+
+@pytest.mark.parametrize("override, message", [
+    ("moe.layers=[0,9]", "moe.layers: block 9 is out of range"), ("vit.routing_unit=patch", "routing_unit='patch'"),
+    ("vit.image_size=60", "not divisible by vit.patch_size"),
+])
+def test_bad_vision_recipes_exit_2(capsys, override, message):
+    from conftest import REPO, run_cli
+
+    code, _, err = run_cli(["train", REPO / "recipes" / "vimoe_shapes_cls.yaml", override], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -92,13 +92,39 @@ class ADE20KSeg:
         return {"pixel_values": pixels, "labels": label}
 
 
+class ImageFolderCls:
+    """The image-folder layout: <root>/<split>/<class name>/<image>; classes are the sorted folder names."""
+
+    def __init__(self, root: Path, split: str, vit_cfg):
+        folder = Path(root) / split
+        if not folder.is_dir():
+            raise MissingFile(folder, "image folder", f"lay images out as {folder}/<class>/<image>")
+        self.classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        self.items = [(f, c) for c in self.classes for f in sorted((folder / c).iterdir()) if f.is_file()]
+        if not self.items:
+            raise UserError(f"{folder} has no images in class folders; expected {folder}/<class>/<image>")
+        self.labels = {str(f): c for f, c in self.items}
+        self.files = [str(f) for f, _ in self.items]
+        self.vit = vit_cfg
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        from moebench.config import CLIP_MEAN, CLIP_STD
+
+        f, c = self.items[i]
+        pixels = preprocess(load_image(f), self.vit.image_size, CLIP_MEAN, CLIP_STD, "resize")
+        return {"pixel_values": pixels, "labels": torch.tensor(self.classes.index(c))}
+
+
 def _datasets(recipe: VisionRecipe, src):
-    """Train and val sets: the shapes world, or ADE20K under a data root (segmentation)."""
+    """Train and val sets: the shapes world; under a data root, ADE20K (seg) or an image folder (cls)."""
     if recipe.data.source == "shapes":  # the embedded world
         return (ShapesVision(src.root, "train", recipe.task, recipe.vit),
                 ShapesVision(src.root, "val", recipe.task, recipe.vit))
-    if recipe.task != "seg":
-        raise UserError("a data root is read as ADE20K, a segmentation dataset; set task: seg (or data.source: shapes)")
+    if recipe.task == "cls":
+        return ImageFolderCls(src.root, "train", recipe.vit), ImageFolderCls(src.root, "val", recipe.vit)
     return ADE20KSeg(src.root, "train", recipe.vit), ADE20KSeg(src.root, "val", recipe.vit)
 
 
