@@ -122,6 +122,97 @@ def _print_headlines(rows: list[dict]) -> None:
     out.print(headline_table(rows))
 
 
+TOLERANCE = typer.Option(None, "--tolerance", help="metric=tolerance (absolute), repeatable, e.g. f1=0.03.")
+TOLERANCES = typer.Option(None, "--tolerances", help="YAML file of metric: tolerance.")
+LATENCY = typer.Option(None, "--latency-tolerance", help="Also gate samples/s (relative drop, e.g. 0.1) on the same device.")
+MARKDOWN = typer.Option(None, "--markdown", help="Also write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY).")
+
+
+def _gate(baseline_rows, current_rows, tolerance, tolerances, latency, md) -> None:
+    from rich.table import Table
+
+    from moebench.compare import compare_rows, failed, load_tolerances, markdown
+
+    verdicts = compare_rows(baseline_rows, current_rows, load_tolerances(tolerances, tolerance or []), latency)
+    t = Table(title="regression gate")
+    for col in ("model", "task", "split", "metric", "baseline", "current", "change", "status"):
+        t.add_column(col)
+    colour = {"regressed": "red", "missing": "red", "improved": "green", "new": "cyan", "ok": ""}
+    for v in verdicts:
+        t.add_row(v["model"], v["task"], v["split"], v["metric"],
+                  "" if v["baseline"] is None else f"{v['baseline']:.4g}", "" if v["current"] is None else f"{v['current']:.4g}",
+                  "" if v["change"] is None else f"{v['change']:+.4f}",
+                  f"[{colour[v['status']]}]{v['status']}[/]" if colour[v["status"]] else v["status"])
+    out.print(t)
+    if md:
+        Path(md).write_text(markdown(verdicts))
+    if failed(verdicts):
+        bad = [f"{v['model']}/{v['task']}/{v['metric']}" for v in verdicts if v["status"] in ("regressed", "missing")]
+        err.print(f"[red]regression gate failed[/]: {len(bad)} regressed or missing ({', '.join(bad[:5])})")
+        raise typer.Exit(1)
+    err.print("[green]regression gate passed[/]")
+
+
+@app.command()
+def compare(
+    baseline: Path = typer.Option(..., "--baseline", help="Baseline metrics table (.arrow) or results folder."),
+    current: Path = typer.Option(Path("results"), "--current", help="Current results folder or table."),
+    tolerance: Optional[list[str]] = TOLERANCE,
+    tolerances: Optional[Path] = TOLERANCES,
+    latency_tolerance: Optional[float] = LATENCY,
+    md: Optional[Path] = MARKDOWN,
+):
+    """Compare current results with a baseline; exit 1 on a regression beyond tolerance or a missing row."""
+    from moebench import results as res
+    from moebench.compare import read_baseline
+
+    current_rows = res.latest_rows(res.read_table([str(current)], "metrics")).to_pylist()
+    _gate(read_baseline(baseline), current_rows, tolerance, tolerances, latency_tolerance, md)
+
+
+@app.command()
+def ci(
+    recipes: list[Path] = typer.Argument(..., help="Recipes to train and evaluate, e.g. recipes/shapes_*.yaml."),
+    baseline: Path = typer.Option(..., "--baseline", help="Baseline metrics table, e.g. results/baselines/cpu-shapes.arrow."),
+    update_baseline: bool = typer.Option(False, "--update-baseline", help="Write the results as the new baseline instead of comparing."),
+    runs: Path = RUNS,
+    results: Path = RESULTS,
+    tolerance: Optional[list[str]] = TOLERANCE,
+    tolerances: Optional[Path] = TOLERANCES,
+    latency_tolerance: Optional[float] = LATENCY,
+    md: Optional[Path] = MARKDOWN,
+):
+    """Train the recipes, evaluate, and compare with the baseline in one command (for CI runners)."""
+    from moebench import results as res
+    from moebench.compare import model_name, read_baseline, write_baseline
+    from moebench.config import load_recipe
+
+    loaded = [load_recipe(r) for r in recipes]  # every recipe is checked before anything trains
+    if not update_baseline:
+        base = read_baseline(baseline)
+    names = set()
+    for rec in loaded:
+        if getattr(rec, "kind", None) == "vision":
+            from moebench.vision.train import train_vision
+
+            names |= {model_name(r["run"]) for r in train_vision(rec, runs_dir=runs, results_dir=results, progress=False)}
+            continue
+        from moebench.eval.runner import evaluate_run
+        from moebench.train.pipeline import train as run_train
+
+        run = run_train(rec, runs_dir=runs, results_dir=results, progress=False)
+        evaluate_run(run, rec.eval.tasks, data=None, batch_size=rec.eval.batch_size, limit=rec.eval.limit,
+                     results_dir=results, max_new_tokens=rec.eval.max_new_tokens, progress=False, log_samples=False)
+        names.add(model_name(run.name))
+    current = [r for r in res.latest_rows(res.read_table([str(results)], "metrics")).to_pylist()
+               if model_name(r["run"]) in names]
+    if update_baseline:
+        write_baseline(current, baseline)
+        err.print(f"[green]baseline written[/]: {baseline} ({len(current)} rows)")
+        return
+    _gate(base, current, tolerance, tolerances, latency_tolerance, md)
+
+
 @app.command()
 def validate(recipes: list[Path] = typer.Argument(..., help="Recipe YAML files (or task YAML files) to check.")):
     """Check recipes (and task files) without running them: keys, types, allowed values."""
@@ -381,7 +472,9 @@ def ls():
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer.Exit(n) comes back as n here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
