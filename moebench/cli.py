@@ -233,11 +233,18 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print rows as JSON instead of a table."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Only these tasks (comma-separated)."),
     all_metrics: bool = typer.Option(False, "--all", help="Every metric, not only each task's headline."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write PNG plots (headline vs activated params and vs latency) here."),
 ):
     """One table across runs: each task's metrics beside its majority-answer baseline."""
     from moebench.report import load_rows, report_table
 
     rows = load_rows(results_dirs or [Path("results")], tasks.split(",") if tasks else None, all_metrics)
+    if plot is not None:
+        from moebench.plots import report_plots
+
+        headline = rows if not all_metrics else load_rows(results_dirs or [Path("results")], None, False)
+        for p in report_plots([r for r in headline if r["task"] != "routing"], plot):
+            err.print(f"plot: {p}")
     if as_json:
         print(json.dumps(rows, indent=1, default=str))
     else:

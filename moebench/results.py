@@ -26,7 +26,7 @@ import pyarrow.ipc
 
 from moebench.errors import MissingFile, UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: metrics gained `extra` (variant statistics)
 
 _str, _f64, _i64 = pa.string(), pa.float64(), pa.int64()
 

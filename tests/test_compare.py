@@ -67,3 +67,31 @@ def test_latency_gate(tmp_path):
     v = compare_rows(BASE[:1], slow, {}, latency_tolerance=0.1)
     assert [x["status"] for x in v] == ["ok", "regressed"]
     assert v[1]["metric"] == "exact_match:samples_per_s" and abs(v[1]["change"] + 0.5) < 1e-9
+
+
+def test_pareto_front_and_report_plots(tmp_path, capsys):
+    from moebench.plots import pareto
+
+    # (cost, value): b dominates a; c is dearer but better; d is dearer and worse than c
+    assert pareto([(2.0, 0.5), (1.0, 0.6), (3.0, 0.9), (4.0, 0.8)]) == [1, 2]
+    rows = [{**_row(f"m{i}-0123abc{i}", "gqa", "exact_match", v), "params_activated": p}
+            for i, (p, v) in enumerate([(1e6, 0.4), (2e6, 0.5), (3e6, 0.45)])]
+    results.append_rows(tmp_path / "res", "metrics", "x", rows)
+    code, out, err = run_cli(["report", tmp_path / "res", "--plot", tmp_path / "plots"], capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["gqa-exact_match-vs-latency.png", "gqa-exact_match-vs-params.png"]
+
+
+def test_tables_written_by_schema_version_1_still_read(tmp_path, capsys):
+    """A metrics file from moebench 0.1 (no `extra` column) reads, reports and compares."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "metrics-v1.arrow"
+    (row,) = results.read_rows([fixture], "metrics")
+    assert row["value"] == 0.408 and row["extra"] is None and row["run"] == "shapes_dense-0123abcd"
+    code, out, err = run_cli(["report", fixture], capsys)
+    assert code == 0 and "shapes_dense-0123abcd" in out
+    current = [_row("shapes_dense-ffffffff", "gqa", "exact_match", 0.41, split="testdev_balanced")]
+    results.append_rows(tmp_path / "cur", "metrics", "x", current)
+    assert run_cli(["compare", "--baseline", fixture, "--current", tmp_path / "cur"], capsys)[0] == 0
