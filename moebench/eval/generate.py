@@ -28,6 +28,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _next(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Greedy choice at the last position; the image placeholder is never generated (it is not a word)."""
+    last = logits[:, -1].clone()
+    last[:, image_token_id] = float("-inf")
+    return last.argmax(-1)
+
+
 @torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor, *, max_new_tokens: int,
                     eos_id: int, pad_id: int) -> Generation:
@@ -41,7 +48,7 @@ def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor,
     _sync(device)
     t0 = time.perf_counter()
     out = model(ids, mask, pixel_values, positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1)  # (B,)
+    nxt = _next(out.logits, model.image_token_id)  # (B,)
     roe = getattr(model, "roe", None)
     if roe is not None and roe.ctx.decode_mask is not None:  # RoE's routing tokens sit in the cache, masked
         mask, roe.ctx.decode_mask = roe.ctx.decode_mask, None
@@ -55,7 +62,7 @@ def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor,
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         out = model(nxt[:, None], mask, None, positions, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1).masked_fill(done, pad_id)
+        nxt = _next(out.logits, model.image_token_id).masked_fill(done, pad_id)
         done |= nxt == eos_id
         steps.append(nxt)
     _sync(device)
