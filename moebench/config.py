@@ -524,15 +524,21 @@ def validate(recipe: Recipe) -> None:
         raise UserError(f"eval.batch_size={recipe.eval.batch_size} must be >= 1")
 
 
+def _one_transform_stage(recipe: Recipe, variant: str, section: str, flag: str) -> None:
+    """A variant's section and the one stage that applies it (`upcycle`, `add_roe`) go together."""
+    stages = [s.name for s in recipe.stages if getattr(s, flag)]
+    present = getattr(recipe, section) is not None
+    if recipe.variant == variant and (not present or not stages):
+        raise UserError(f"variant={variant} needs a `{section}:` section and one stage with `{flag}: true`")
+    if stages and not present:
+        raise UserError(f"stages.{stages[0]}.{flag} is true but the recipe has no `{section}:` section; add one")
+    if len(stages) > 1:
+        raise UserError(f"stages {stages} all set {flag}; only one stage may (the model is transformed once)")
+
+
 def _validate_moe(recipe: Recipe) -> None:
-    upcycling = [s.name for s in recipe.stages if s.upcycle]
+    _one_transform_stage(recipe, "moe", "moe", "upcycle")
     m = recipe.moe
-    if recipe.variant == "moe" and (m is None or not upcycling):
-        raise UserError("variant=moe needs a `moe:` section and one stage with `upcycle: true`")
-    if upcycling and m is None:
-        raise UserError(f"stages.{upcycling[0]}.upcycle is true but the recipe has no `moe:` section; add one")
-    if len(upcycling) > 1:
-        raise UserError(f"stages {upcycling} all upcycle; only one stage may (the model is upcycled once)")
     if m is None:
         return
     if m.num_experts < 1:
@@ -546,12 +552,10 @@ def _validate_moe(recipe: Recipe) -> None:
     if m.aux_loss_coef < 0 or m.z_loss_coef < 0:
         raise UserError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
     if isinstance(m.layers, list):
-        n = recipe.model.llm.layers
-        bad = [i for i in m.layers if not 0 <= i < n] if recipe.model.llm.pretrained is None else []
-        if bad:
-            raise UserError(f"moe.layers: index {bad[0]} is out of range for an LLM with {n} layers (use 0..{n - 1})")
         if not m.layers:
             raise UserError("moe.layers is an empty list; name at least one decoder layer")
+        if recipe.model.llm.pretrained is None:
+            moe_layer_indices(m.layers, recipe.model.llm.layers)
 
 
 def tokenizer_corpus(recipe: Recipe) -> list[tuple[str, int | None]]:
@@ -598,14 +602,8 @@ def _validate_stgc(recipe: Recipe) -> None:
 
 
 def _validate_roe(recipe: Recipe) -> None:
+    _one_transform_stage(recipe, "roe", "roe", "add_roe")
     r = recipe.roe
-    adding = [s.name for s in recipe.stages if s.add_roe]
-    if recipe.variant == "roe" and (r is None or not adding):
-        raise UserError("variant=roe needs a `roe:` section and one stage with `add_roe: true`")
-    if adding and r is None:
-        raise UserError(f"stages.{adding[0]}.add_roe is true but the recipe has no `roe:` section; add one")
-    if len(adding) > 1:
-        raise UserError(f"stages {adding} all add RoE; only one stage may")
     if r is None:
         return
     if not 0 <= r.target_skip < 1:

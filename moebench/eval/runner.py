@@ -52,8 +52,7 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
                               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
         return prompts, gen
 
-    done = done or {}
-    finished = {k: r for k, r in done.items()}
+    finished = dict(done or {})
     todo = [s for s in samples if (s.split, s.question_id) not in finished]
     if todo:
         run(todo[:batch_size])  # warm-up, not timed

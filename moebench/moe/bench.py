@@ -90,7 +90,7 @@ def bench_stgc(recipe, *, model_dir=None, steps: int = 8, batch_size: int = 8, p
     """
     import dataclasses
 
-    from moebench.config import upcycle_index
+    from moebench.config import STGCConfig, upcycle_index
     from moebench.data.conversations import ConversationDataset, Encoder, collate, read_conversations
     from moebench.data.sources import resolve
     from moebench.errors import UserError
@@ -121,7 +121,7 @@ def bench_stgc(recipe, *, model_dir=None, steps: int = 8, batch_size: int = 8, p
     groups = _param_groups(model, stage)
     params = [p for _, ps, _ in groups for p in ps]
     loss_fn = make_loss_fn(recipe.moe)
-    base_cfg = recipe.stgc or _default_stgc()
+    base_cfg = recipe.stgc or STGCConfig()
     modes = {"moe": None, "stgc_output": dataclasses.replace(base_cfg, gradient="output"),
              "stgc_exact": dataclasses.replace(base_cfg, gradient="exact")}
     model.train()
@@ -165,9 +165,3 @@ def bench_stgc(recipe, *, model_dir=None, steps: int = 8, batch_size: int = 8, p
         "conflict_rate": {"output": (o < base_cfg.threshold).float().mean().item(),
                           "exact": (e < base_cfg.threshold).float().mean().item()},
     }
-
-
-def _default_stgc():
-    from moebench.config import STGCConfig
-
-    return STGCConfig()

@@ -22,6 +22,13 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     return llm.model.layers
 
 
+PLAIN_FFNS = (("fc1", "fc2"), ("c_fc", "c_proj"))  # (up, down) names of biased two-linear FFNs
+
+
+def _plain_ffn(mlp: nn.Module) -> tuple[str, str] | None:
+    return next((names for names in PLAIN_FFNS if hasattr(mlp, names[0])), None)
+
+
 def experts_from(mlp: nn.Module, num_experts: int, act: str, impl: str, empty: bool = False) -> nn.Module:
     """Stacked experts, each a copy of `mlp` (or uninitialised shapes only, when `empty`)."""
     cfg = ExpertsConfig(impl)
@@ -33,24 +40,16 @@ def experts_from(mlp: nn.Module, num_experts: int, act: str, impl: str, empty: b
                 w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0)  # (2f, d)
                 ex.gate_up_proj.copy_(w.expand(num_experts, -1, -1))
                 ex.down_proj.copy_(mlp.down_proj.weight.expand(num_experts, -1, -1))
-    elif hasattr(mlp, "fc1"):  # Phi
-        f, d = mlp.fc1.weight.shape
+    elif (names := _plain_ffn(mlp)) is not None:  # Phi fc1/fc2, open_clip ViT c_fc/c_proj
+        up, down = (getattr(mlp, n) for n in names)
+        f, d = up.weight.shape
         ex = PlainExperts(cfg, num_experts, d, f, act)
         if not empty:
             with torch.no_grad():
-                ex.up_proj.copy_(mlp.fc1.weight.expand(num_experts, -1, -1))
-                ex.up_proj_bias.copy_(mlp.fc1.bias.expand(num_experts, -1))
-                ex.down_proj.copy_(mlp.fc2.weight.expand(num_experts, -1, -1))
-                ex.down_proj_bias.copy_(mlp.fc2.bias.expand(num_experts, -1))
-    elif hasattr(mlp, "c_fc"):  # open_clip ViT block MLP: c_fc, GELU, c_proj
-        f, d = mlp.c_fc.weight.shape
-        ex = PlainExperts(cfg, num_experts, d, f, act)
-        if not empty:
-            with torch.no_grad():
-                ex.up_proj.copy_(mlp.c_fc.weight.expand(num_experts, -1, -1))
-                ex.up_proj_bias.copy_(mlp.c_fc.bias.expand(num_experts, -1))
-                ex.down_proj.copy_(mlp.c_proj.weight.expand(num_experts, -1, -1))
-                ex.down_proj_bias.copy_(mlp.c_proj.bias.expand(num_experts, -1))
+                ex.up_proj.copy_(up.weight.expand(num_experts, -1, -1))
+                ex.up_proj_bias.copy_(up.bias.expand(num_experts, -1))
+                ex.down_proj.copy_(down.weight.expand(num_experts, -1, -1))
+                ex.down_proj_bias.copy_(down.bias.expand(num_experts, -1))
     else:
         raise UserError(f"cannot upcycle {type(mlp).__name__}: moebench knows SwiGLU (gate_proj/up_proj/down_proj), "
                         "Phi (fc1/fc2) and open_clip ViT (c_fc/c_proj) FFNs")
@@ -69,7 +68,7 @@ def shared_from(mlp: nn.Module) -> nn.Module:
     import copy
 
     shared = copy.deepcopy(mlp)
-    out = next(getattr(shared, n) for n in ("down_proj", "fc2", "c_proj") if hasattr(shared, n))
+    out = shared.down_proj if hasattr(shared, "down_proj") else getattr(shared, _plain_ffn(shared)[1])
     with torch.no_grad():
         out.weight.zero_()
         if out.bias is not None:
@@ -130,8 +129,8 @@ def moe_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | No
 class LoadCounter:
     """Counts, per MoE layer, the token-expert pairs processed while active (padding excluded)."""
 
-    def __init__(self, model: nn.Module):
-        self.blocks = moe_blocks(model)
+    def __init__(self, model: nn.Module | None = None, blocks: list[tuple[int, MoEBlock]] | None = None):
+        self.blocks = blocks if blocks is not None else moe_blocks(model)
         self.counts = {i: torch.zeros(b.num_experts, dtype=torch.float64) for i, b in self.blocks}
         self.handles = []
 

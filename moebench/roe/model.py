@@ -247,8 +247,8 @@ def phase_hook(model, cfg: RoEConfig, parts: dict[str, list]):
     ctx = model.roe.ctx
     ctx.generator = torch.Generator().manual_seed(0)
     routers = {id(p) for layer in model.roe.layers(model.llm) for p in layer.router.parameters()}
-    llm = [p for p in parts["llm"] if p.requires_grad]
-    roe_routers = [p for p in parts["roe"] if id(p) in routers and p.requires_grad]
+    llm = [p for p in parts.get("llm", []) if p.requires_grad]
+    roe_routers = [p for p in parts.get("roe", []) if id(p) in routers and p.requires_grad]
 
     def before_step(step: int, total: int) -> None:
         progress = step / max(1, total)

@@ -183,7 +183,8 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
         if _roe_added(recipe, i) and stage.kind == "lm":
             from moebench.roe.model import phase_hook, roe_loss_fn
 
-            loss_fn, before_step = roe_loss_fn(recipe.roe), phase_hook(model, recipe.roe, _trainable_parts(model))
+            trained = {name: params for name, params, _ in groups}
+            loss_fn, before_step = roe_loss_fn(recipe.roe), phase_hook(model, recipe.roe, trained)
         stgc = None
         if recipe.stgc is not None and _upcycled(recipe, i):
             from moebench.moe.stgc import STGC

@@ -13,13 +13,14 @@ import dataclasses
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from moebench import __version__, results
-from moebench.config import STAGE_FORMAT, StageConfig, VisionRecipe, to_dict
+from moebench.config import STAGE_FORMAT, StageConfig, VisionRecipe, _digest, to_dict
 from moebench.data.images import load_image, preprocess
 from moebench.data.sources import resolve
 from moebench.errors import MissingFile, UserError
@@ -161,12 +162,6 @@ def _stage(name: str, t) -> StageConfig:
                        grad_clip=t.grad_clip, log_every=t.log_every)
 
 
-def _digest(obj) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def train_vision(recipe: VisionRecipe, *, runs_dir: Path, results_dir: Path, progress: bool = True) -> list[dict]:
     """Train the dense parent (cached), then every variant; evaluate each; return the metric rows."""
     from safetensors.torch import load_model, save_model
@@ -226,65 +221,52 @@ def train_vision(recipe: VisionRecipe, *, runs_dir: Path, results_dir: Path, pro
 def evaluate_vision(model, recipe: VisionRecipe, dataset, n_classes: int, *, run: str, variant: str, data_name: str,
                     data_hash: str, device, results_dir: Path) -> list[dict]:
     from moebench.models.params import inactive_params
+    from moebench.moe.upcycle import LoadCounter
     from moebench.vision.seg_metrics import SegEvaluator
     from moebench.vision.vit import vision_moe_blocks
 
     model.eval()
     bs = recipe.eval_batch_size
     batches = [list(range(i, min(len(dataset), i + bs))) for i in range(0, len(dataset), bs)]
-    counts = {i: torch.zeros(b.num_experts) for i, b in vision_moe_blocks(model.vit)}
-
-    def count(i):
-        def hook(m, args, output) -> None:  # returns None: the block's output stays as it is
-            counts[i].add_(nn.functional.one_hot(m.last.index, m.num_experts).sum((0, 1)).float().cpu())
-        return hook
-
-    hooks = [b.register_forward_hook(count(i)) for i, b in vision_moe_blocks(model.vit)]
+    load = LoadCounter(blocks=vision_moe_blocks(model.vit))
     seg = SegEvaluator(n_classes, ignore_index=IGNORE) if recipe.task == "seg" else None
     top1 = top5 = n = 0
     model(_collate([dataset[i] for i in batches[0]])["pixel_values"].to(device))  # warm-up
-    for c in counts.values():
-        c.zero_()
     elapsed = 0.0
-    for idx in batches:
-        batch = _collate([dataset[i] for i in idx])
-        pixels, labels = batch["pixel_values"].to(device), batch["labels"]
-        t = time.perf_counter()
-        if recipe.task == "cls":
-            logits = model(pixels).cpu()
-        elif recipe.slide_stride:
-            logits = slide_inference(model, pixels, recipe.vit.image_size, recipe.slide_stride).cpu()
-        else:
-            logits = model(pixels).cpu()
-        elapsed += time.perf_counter() - t
-        if recipe.task == "cls":
-            best = logits.topk(min(5, n_classes), dim=-1).indices
-            top1 += int((best[:, 0] == labels).sum())
-            top5 += int((best == labels[:, None]).any(-1).sum())
-        elif hasattr(dataset, "original_label"):  # compare at the label's original resolution
-            for k, lg in zip(idx, logits):
-                full = dataset.original_label(k)
-                up = nn.functional.interpolate(lg[None], size=full.shape, mode="bilinear", align_corners=False)
-                seg.update(up[0].argmax(0).numpy(), full.numpy())
-        else:
-            pred = logits.argmax(1)
-            for p, lab in zip(pred, labels):
-                seg.update(p.numpy(), lab.numpy())
-        n += len(idx)
-    for h in hooks:
-        h.remove()
+    with load:
+        for idx in batches:
+            batch = _collate([dataset[i] for i in idx])
+            pixels, labels = batch["pixel_values"].to(device), batch["labels"]
+            t = time.perf_counter()
+            if recipe.task == "seg" and recipe.slide_stride:
+                logits = slide_inference(model, pixels, recipe.vit.image_size, recipe.slide_stride).cpu()
+            else:
+                logits = model(pixels).cpu()
+            elapsed += time.perf_counter() - t
+            if recipe.task == "cls":
+                best = logits.topk(min(5, n_classes), dim=-1).indices
+                top1 += int((best[:, 0] == labels).sum())
+                top5 += int((best == labels[:, None]).any(-1).sum())
+            elif hasattr(dataset, "original_label"):  # compare at the label's original resolution
+                for k, lg in zip(idx, logits):
+                    full = dataset.original_label(k)
+                    up = nn.functional.interpolate(lg[None], size=full.shape, mode="bilinear", align_corners=False)
+                    seg.update(up[0].argmax(0).numpy(), full.numpy())
+            else:
+                pred = logits.argmax(1)
+                for p, lab in zip(pred, labels):
+                    seg.update(p.numpy(), lab.numpy())
+            n += len(idx)
     if recipe.task == "cls":
         values = {"top1": top1 / n, "top5": top5 / n}
-        majority = max(set(dataset.labels.values()), key=list(dataset.labels.values()).count)  # shapes only
-        share = list(dataset.labels.values()).count(majority) / len(dataset.labels)
-        baselines = {"top1": share, "top5": None}
+        baselines = {"top1": Counter(dataset.labels.values()).most_common(1)[0][1] / len(dataset.labels), "top5": None}
     else:
         res = seg.compute()
         values = {k: res[k] for k in ("mIoU", "mAcc", "aAcc")}
         baselines = {}
     total = sum(p.numel() for p in model.parameters())
     params = {"total": total, "activated": total - inactive_params(model.vit), "embeddings_counted": True}
-    extra = {"expert_load": {str(i): (c / c.sum().clamp(min=1)).tolist() for i, c in counts.items()}} if counts else None
+    extra = {"expert_load": load.load()} if load.blocks else None
     stamp = results.utc_now()
     rows = [{"run": run, "variant": variant, "task": recipe.task, "split": "val", "metric": k, "value": v,
              "baseline": baselines.get(k), "n": n, "dataset": data_name, "dataset_hash": data_hash, "task_version": 1,
