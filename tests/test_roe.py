@@ -121,3 +121,25 @@ def test_predictions_batch_8_equal_batch_1(tokenizer, monkeypatch):
     skipped = sum(layer.skipped for layer in model.roe.layers(model.llm))
     assert 0 < skipped < 2 * 2 * len(QUESTIONS)  # some examples skip some layers, not all
     assert batched == single
+
+
+def test_decoding_after_the_routing_tokens_are_cropped_equals_the_dense_parent(tokenizer, monkeypatch):
+    """Nothing skipped: hard mode (routing tokens appended at prefill, then cropped from every KV cache) decodes
+    exactly what the dense parent decodes, also when the image features are given precomputed."""
+    from moebench.eval.generate import greedy_generate
+
+    model = _model(tokenizer, seed=5)
+    prompts, pixels = _prompts(tokenizer, model)
+    kw = dict(max_new_tokens=6, eos_id=-1, pad_id=tokenizer.pad_token_id)
+    dense = greedy_generate(model, prompts, pixels, **kw).tokens
+    add_roe(model, RoEConfig())
+    _force(monkeypatch, lambda layer, rt: torch.ones(rt.shape[0], dtype=torch.bool))
+    model.roe.ctx.mode = "hard"
+    routed = greedy_generate(model, prompts, pixels, **kw).tokens
+    with torch.no_grad():
+        feats = model.image_features(pixels)
+    from_features = greedy_generate(model, prompts, None, image_features=feats, **kw).tokens
+    assert routed == dense and from_features == dense
+    t = len(max(prompts, key=len))  # prompt length; then 5 fed-back tokens, and no routing tokens
+    assert [layer.cache.get_seq_length(i) for i, layer in zip(model.roe.layer_ids, model.roe.layers(model.llm))] \
+        == [t + 5] * len(model.roe.layer_ids)

@@ -36,22 +36,23 @@ def _next(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor, *, max_new_tokens: int,
-                    eos_id: int, pad_id: int) -> Generation:
+def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None, *, max_new_tokens: int,
+                    eos_id: int, pad_id: int, image_features: torch.Tensor | None = None) -> Generation:
+    """`image_features` (already projected) replace `pixel_values`: then the timings cover the LLM only."""
     from transformers import DynamicCache
 
-    device = pixel_values.device
+    device = (pixel_values if image_features is None else image_features).device
     ids, mask = pad_stack([torch.tensor(p) for p in prompts], pad_id, left=True)  # (B, T)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     cache = DynamicCache(config=model.llm.config)
     _sync(device)
     t0 = time.perf_counter()
-    out = model(ids, mask, pixel_values, positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, mask, pixel_values, positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                image_features=image_features)
     nxt = _next(out.logits, model.image_token_id)  # (B,)
-    roe = getattr(model, "roe", None)
-    if roe is not None and roe.ctx.decode_mask is not None:  # RoE's routing tokens sit in the cache, masked
-        mask, roe.ctx.decode_mask = roe.ctx.decode_mask, None
+    if getattr(model, "roe", None) is not None:
+        model.roe.drop_routing_tokens(model.llm, cache)
     _sync(device)
     t1 = time.perf_counter()
     done = nxt == eos_id

@@ -44,20 +44,24 @@ class VLM(nn.Module):
         h = out.hidden_states[self.feature_layer]  # (B, 1 + P, d_v)
         if self.select == "patch":
             h = h[:, 1:]  # (B, P, d_v) class token dropped
+        elif self.select == "max_patch":
+            h = torch.cat([h[:, 1:].amax(1, keepdim=True), h[:, 1:]], 1)  # (B, 1 + P, d_v) pooled token first
         if self.feature_norm:
             h = self.vision_tower.post_layernorm(h)
         return self.projector(h)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features scattered into the image placeholder positions."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features (given, or computed from the pixels) scattered into the image
+        placeholder positions."""
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, d)
         mask = input_ids == self.image_token_id  # (B, T)
         n_slots = int(mask.sum())
-        if pixel_values is None:
+        if pixel_values is None and image_features is None:
             if n_slots:
                 raise UserError("the prompt has <image> tokens but no image was given")
             return embeds
-        feats = self.image_features(pixel_values)  # (B, N, d)
+        feats = self.image_features(pixel_values) if image_features is None else image_features  # (B, N, d)
         if n_slots != feats.shape[0] * feats.shape[1]:
             raise UserError(
                 f"{n_slots} image placeholder tokens for {feats.shape[0]} images x {feats.shape[1]} features; "
@@ -68,18 +72,20 @@ class VLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 past_key_values=None, use_cache: bool = False, logits_to_keep: int = 0,
-                labels: torch.Tensor | None = None):
-        """Logits of the LM over the prompt (`labels` only tell RoE where the first turn's prompt ends)."""
+                labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
+        """Logits of the LM over the prompt (`labels` only tell RoE where the first turn's prompt ends).
+        `image_features` (B, N, d), the projected features, replace `pixel_values` when given."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             # left padding: positions count real tokens only
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_features)
         for m in getattr(self.llm, "moebench_routed", ()):  # MoE blocks keep padding out of routing
             m.token_mask = attention_mask
         roe = getattr(self, "roe", None)
-        if roe is not None and pixel_values is not None and roe.ctx.mode != "dense":
+        has_image = pixel_values is not None or image_features is not None
+        if roe is not None and has_image and roe.ctx.mode != "dense":
             return _forward_routed(self, embeds, attention_mask, position_ids, input_ids, labels,
                                    past_key_values, use_cache, logits_to_keep)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -92,9 +98,8 @@ def _forward_routed(model: VLM, embeds, attention_mask, position_ids, input_ids,
     from moebench.roe.model import with_routing_tokens
 
     ctx = model.roe.ctx
-    embeds, mask, positions, ctx.decode_mask = with_routing_tokens(model, embeds, attention_mask, position_ids,
-                                                                   input_ids, labels)
-    ctx.routing, ctx.skip_probs = True, []
+    embeds, mask, positions = with_routing_tokens(model, embeds, attention_mask, position_ids, input_ids, labels)
+    ctx.routing, ctx.skip_probs, ctx.routing_in_cache = True, [], bool(use_cache)
     try:
         out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                        past_key_values=past_key_values, use_cache=use_cache,

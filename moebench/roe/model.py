@@ -9,7 +9,8 @@ Every routable decoder layer l becomes an "expert" an example may skip:
 
 Routing tokens: two learned embeddings (image, text) appended after the prompt. The image one attends
 to the image tokens, the text one to the first turn's text (both to themselves); normal tokens never
-attend to them, and decoding masks them out, so they change nothing but the routing.
+attend to them, so they change nothing but the routing. After prefill their keys and values are cropped
+from the KV caches, so decoding runs with the same plain mask as the dense model.
 
 At inference a layer runs only on the examples that need it: the wrapper gathers that sub-batch, runs
 the layer on it with its own KV cache (the decision never changes during decoding, so the cache stays
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from moebench.config import RoEConfig
+from moebench.distributed import shard_rand
 
 
 @dataclass
@@ -38,7 +40,7 @@ class RoEContext:
     routing: bool = False  # this forward carries the two routing tokens at the last positions
     generator: torch.Generator | None = None
     skip_probs: list[torch.Tensor] = field(default_factory=list)  # per routed layer, (B,) this forward
-    decode_mask: torch.Tensor | None = None  # the 2-D mask after prefill, routing-token columns zero
+    routing_in_cache: bool = False  # the last prefill left the routing tokens' keys and values in the caches
 
 
 class RoELayer(nn.Module):
@@ -99,7 +101,7 @@ class RoELayer(nn.Module):
                 out = self._run(h, None, kwargs, None)
                 return w[:, :1, None] * out + w[:, 1:, None] * self.shortcut(h)
             if ctx.mode == "random":  # warm-up: hard skips at the target rate, adapters learn
-                skip = torch.rand(h.shape[0], generator=ctx.generator) < ctx.target
+                skip = shard_rand(h.shape[0], ctx.generator) < ctx.target  # as one process draws them
                 self.run_mask = ~skip.to(h.device)
                 ctx.skip_probs.append(skip.float().to(h.device))
             else:
@@ -136,6 +138,15 @@ class RoE(nn.Module):
     def layers(self, llm) -> list[RoELayer]:
         return [llm.model.layers[i] for i in self.layer_ids]
 
+    def drop_routing_tokens(self, llm, cache) -> None:
+        """After a prefill: remove the two routing tokens (the last two positions) from every KV cache.
+        No normal token attends to them, so decoding gives the same result without them."""
+        if self.ctx.routing_in_cache:
+            for c in [cache] + [layer.cache for layer in self.layers(llm)]:
+                if c is not None:
+                    c.crop(-2)
+            self.ctx.routing_in_cache = False
+
 
 def add_roe(model, cfg: RoEConfig) -> list[int]:
     """Wrap the routable decoder layers of `model.llm` in place; attach `model.roe`. Returns the layers."""
@@ -153,7 +164,7 @@ def add_roe(model, cfg: RoEConfig) -> list[int]:
 
 def with_routing_tokens(model, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                         input_ids: torch.Tensor, labels: torch.Tensor | None):
-    """Append the two routing tokens; return (embeds, 4-D additive mask, positions, 2-D mask for decoding).
+    """Append the two routing tokens; return (embeds, 4-D additive mask, positions).
 
     The image token attends to the image placeholders, the text token to the real non-image tokens
     before the first supervised one (the first turn's prompt); normal tokens do not see either.
@@ -179,8 +190,7 @@ def with_routing_tokens(model, embeds: torch.Tensor, attention_mask: torch.Tenso
     rt = model.roe.tokens.to(embeds.dtype)[None].expand(b, -1, -1)
     last = position_ids.max(-1, keepdim=True).values + 1  # (B, 1)
     positions = torch.cat([position_ids, last, last], dim=1)
-    decode_mask = torch.cat([attention_mask, torch.zeros_like(attention_mask[:, :2])], dim=1)
-    return torch.cat([embeds, rt], dim=1), additive, positions, decode_mask
+    return torch.cat([embeds, rt], dim=1), additive, positions
 
 
 def regularised_loss(logits: torch.Tensor, labels: torch.Tensor, skip_probs: list[torch.Tensor],
