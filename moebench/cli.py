@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,8 @@ out = Console(width=None if sys.stdout.isatty() else 160)  # piped / logged tabl
 
 RUNS = typer.Option(Path("runs"), "--runs", help="Directory of runs and cached stage checkpoints.")
 RESULTS = typer.Option(Path("results"), "--results", help="Directory the Arrow result tables are written to.")
+NPROC = typer.Option(None, "--nproc", min=1, help="Run in N processes on this machine (torchrun --standalone): "
+                                                     "data parallel, DDP or FSDP2 as the recipe's `distributed:` says.")
 
 
 def _repo_dir(name: str) -> Path:
@@ -42,19 +45,31 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted stage from its last checkpoint."),
     eval_: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate the recipe's tasks after training."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    nproc: Optional[int] = NPROC,
 ):
-    """Train every stage of RECIPE (reusing cached stages), save the run, then evaluate its tasks."""
-    from moebench.config import load_recipe
-    from moebench.train.pipeline import train as run_train
+    """Train every stage of RECIPE (reusing cached stages), save the run, then evaluate its tasks.
 
-    rec = load_recipe(recipe, overrides or [])
+    Multi-GPU: `torchrun --nproc-per-node N -m moebench train RECIPE` (or --nproc N on one machine)."""
+    from moebench.config import load_recipe
+
+    rec = load_recipe(recipe, overrides or [])  # a bad recipe fails here, before any process starts
     if getattr(rec, "kind", None) == "vision":  # ViMoE: dense parent, then each variant, each evaluated
+        if _world_size() > 1 or (nproc or 1) > 1:
+            raise UserError(f"{recipe} is a vision (ViMoE) recipe; those train in one process: drop --nproc / torchrun")
         from moebench.vision.train import train_vision
 
         _print_headlines(train_vision(rec, runs_dir=runs, results_dir=results, progress=progress))
         return
+    if (nproc or 1) > 1:
+        _torchrun(nproc, ["train", str(recipe), *(overrides or []), "--runs", str(runs), "--results", str(results),
+                          *(["--resume"] if resume else []), "--eval" if eval_ else "--no-eval",
+                          "--progress" if progress else "--no-progress"])
+        return
+    from moebench.train.pipeline import train as run_train
+
     run = run_train(rec, runs_dir=runs, results_dir=results, resume=resume, progress=progress)
-    err.print(f"[green]trained[/] {run.dir} (final loss {run.meta['final_loss']:.4f}, {run.meta['train_seconds']:.0f}s)")
+    if _rank() == 0:
+        err.print(f"[green]trained[/] {run.dir} (final loss {run.meta['final_loss']:.4f}, {run.meta['train_seconds']:.0f}s)")
     if eval_ and rec.eval.tasks:
         from moebench.eval.runner import evaluate_run
 
@@ -74,8 +89,11 @@ def eval_cmd(
     runs: Path = RUNS,
     results: Path = RESULTS,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    nproc: Optional[int] = NPROC,
 ):
-    """Evaluate a trained run on tasks and append metric and sample rows to the results directory."""
+    """Evaluate a trained run on tasks and append metric and sample rows to the results directory.
+
+    Data-parallel: `torchrun --nproc-per-node N -m moebench eval ...` (or --nproc N) splits the samples."""
     from moebench.eval.runner import evaluate_run
     from moebench.runs import latest_run, open_run
 
@@ -83,6 +101,12 @@ def eval_cmd(
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise UserError("--tasks is empty; name at least one task, e.g. --tasks pope,gqa")
+    if (nproc or 1) > 1:
+        _torchrun(nproc, ["eval", "--tasks", ",".join(names), "--model", str(run.dir), *(["--data", data] if data else []),
+                          "--batch-size", str(batch_size), *(["--limit", str(limit)] if limit else []),
+                          "--log-samples" if log_samples else "--no-log-samples", "--results", str(results),
+                          "--progress" if progress else "--no-progress"])
+        return
     rows = evaluate_run(run, names, data=data, batch_size=batch_size, limit=limit, results_dir=results,
                         log_samples=log_samples, progress=progress)
     _print_headlines(rows)
@@ -119,7 +143,36 @@ def score_cmd(
 def _print_headlines(rows: list[dict]) -> None:
     from moebench.report import headline_table
 
-    out.print(headline_table(rows))
+    if _rank() == 0:
+        out.print(headline_table(rows))
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise); read from the environment, torch not imported."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _torchrun(nproc: int, args: list[str]) -> None:
+    """`moebench ARGS` in `nproc` processes on this machine through torch.distributed.run (torchrun
+    --standalone: a local c10d rendezvous on a free port). Exits with the workers' exit code."""
+    if _world_size() > 1:
+        raise UserError("--nproc inside torchrun: start the processes one way, torchrun or --nproc")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "moebench", *args]))
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        if 2 in codes and all(c == 2 or c < 0 for c in codes):  # user errors (the workers printed them),
+            sys.exit(2)  # and workers the launcher stopped because of them
+        err.print(f"[red]error:[/] {len(e.failures)} of {nproc} processes failed (exit codes {codes}); "
+                  "their output is above", highlight=False)
+        sys.exit(1)
 
 
 TOLERANCE = typer.Option(None, "--tolerance", help="metric=tolerance (absolute), repeatable, e.g. f1=0.03.")
@@ -483,7 +536,8 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        where = f"\\[rank {_rank()}] " if _world_size() > 1 else ""  # under torchrun every rank may say it
+        err.print(f"[red]error:[/] {where}{e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; run the same command with --resume to continue from the last checkpoint")
@@ -499,6 +553,11 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(1)
         raise
+    finally:
+        if "torch.distributed" in sys.modules:  # a torchrun worker leaves its process group
+            from moebench.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -225,6 +225,10 @@ class Recipe:
     seed: int = 0
     variant: Literal["dense", "moe", "stgc", "roe"] = "dense"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    # data parallelism under torchrun: DDP (a full replica per GPU) or FSDP2 (parameters, gradients and
+    # optimizer state sharded over GPUs); one process ignores it. Not part of any stage key: both give
+    # the single-process update on the same global batch
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=list)

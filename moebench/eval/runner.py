@@ -1,4 +1,11 @@
-"""Evaluate a trained run on tasks: batched timed generation, metrics, metric and sample rows in Arrow."""
+"""Evaluate a trained run on tasks: batched timed generation, metrics, metric and sample rows in Arrow.
+
+Data-parallel under torchrun (`torchrun --nproc-per-node N -m moebench eval ...`): every rank loads the
+model, takes every N-th sample still to do, and stores its finished samples in its own partial file;
+the records, timings and expert / skip counts of all ranks are gathered (all_gather_object), and rank
+0 scores them and writes the rows. Predictions do not depend on the batch a sample is in (tested), so
+the metrics are those of one process.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moebench import __version__, results
+from moebench import distributed as parallel
 from moebench.data.conversations import Encoder
 from moebench.data.sources import DataSource, file_hash, resolve
 from moebench.eval import metrics
@@ -39,7 +47,10 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
             batch_size: int, max_new_tokens: int, device: torch.device, progress: bool = True,
             done: dict | None = None, store=None) -> tuple[list[dict], dict, dict | None]:
     """Greedy answers for `samples`; returns per-sample records, the task's timing summary and variant
-    statistics (per-layer expert load of an MoE model, over prompt and generated tokens)."""
+    statistics (per-layer expert load of an MoE model, over prompt and generated tokens).
+
+    Under torchrun each rank computes every W-th sample still to do (W ranks) and every rank returns
+    the records, timings and statistics of all of them."""
     from moebench.data.images import load_image, preprocess
 
     v = vision
@@ -52,15 +63,18 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
                               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
         return prompts, gen
 
+    w = parallel.world()
     finished = dict(done or {})
     todo = [s for s in samples if (s.split, s.question_id) not in finished]
-    if todo:
-        run(todo[:batch_size])  # warm-up, not timed
-    records, ttfts, decode_s, decode_tokens = [], [], 0.0, 0
+    mine = todo[w.rank::w.size]  # this rank's share
+    if mine:
+        run(mine[:batch_size])  # warm-up, not timed
+    ttfts, decode_s, decode_tokens, computed = [], 0.0, 0, []
     t_start = time.perf_counter()
-    with _task_bar(progress, task.name, len(samples)) as bar, LoadCounter(model) as load, SkipCounter(model) as skips:
+    with _task_bar(progress, task.name, len(samples) - len(todo) + len(mine)) as bar, LoadCounter(model) as load, \
+            SkipCounter(model) as skips:
         bar(len(samples) - len(todo))
-        for batch in _batches(todo, batch_size):
+        for batch in _batches(mine, batch_size):
             prompts, gen = run(batch)
             ttfts.append(gen.ttft_s)
             decode_s += gen.decode_s
@@ -76,15 +90,29 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
             if store is not None:
                 store(new)
             finished.update({(r["split"], r["question_id"]): r for r in new})
+            computed += new
             bar(len(batch))
-    records = [{**finished[(s.split, s.question_id)], "sample": s} for s in samples]
     wall = time.perf_counter() - t_start
+    ranks = parallel.all_gather({  # one process: [this]
+        "records": computed if w.size > 1 else [], "ttft_s": sum(ttfts), "batches": len(ttfts), "decode_s": decode_s,
+        "decode_tokens": decode_tokens, "samples": len(mine), "wall": wall, "peak_mem_mb": _peak_memory_mb(device),
+        "load": {i: c.tolist() for i, c in load.counts.items()},
+        "skips": {i: (layer.seen, layer.skipped) for i, layer in skips.layers}})
+    for r in ranks:
+        finished.update({(x["split"], x["question_id"]): x for x in r["records"]})
+    records = [{**finished[(s.split, s.question_id)], "sample": s} for s in samples]
+    batches, tokens, n = (sum(r[k] for r in ranks) for k in ("batches", "decode_tokens", "samples"))
+    wall = max(r["wall"] for r in ranks)
     timing = {  # over the samples computed in this call (a resumed eval times only the rest)
-        "ttft_ms": 1000 * sum(ttfts) / len(ttfts) if ttfts else None,
-        "tpot_ms": 1000 * decode_s / decode_tokens if decode_tokens else None,
-        "samples_per_s": len(todo) / wall if (wall > 0 and todo) else None,
-        "peak_mem_mb": _peak_memory_mb(device),
+        "ttft_ms": 1000 * sum(r["ttft_s"] for r in ranks) / batches if batches else None,
+        "tpot_ms": 1000 * sum(r["decode_s"] for r in ranks) / tokens if tokens else None,
+        "samples_per_s": n / wall if (wall > 0 and n) else None,  # all ranks together
+        "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks),  # per process
     }
+    for i in load.counts:  # expert load and skips over every rank's samples
+        load.counts[i] = torch.tensor([sum(c) for c in zip(*(r["load"][i] for r in ranks))], dtype=torch.float64)
+    for i, layer in skips.layers:
+        layer.seen, layer.skipped = (sum(x) for x in zip(*(r["skips"][i] for r in ranks)))
     extra = {}
     if load.blocks:
         extra["expert_load"] = load.load()
@@ -144,13 +172,18 @@ def score(task: TaskConfig, records: list[dict]) -> tuple[list[dict], list[float
 def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch_size: int, limit: int | None,
                  results_dir: Path, max_new_tokens: int | None = None, progress: bool = True,
                  log_samples: bool = True, device: torch.device | None = None) -> list[dict]:
-    """Evaluate a run's model on tasks; append metric (and sample) rows to results_dir; return metric rows."""
+    """Evaluate a run's model on tasks; append metric (and sample) rows to results_dir; return metric rows.
+
+    Under torchrun every rank calls this with the same arguments and gets the same rows; rank 0 writes."""
     from moebench.models.params import count_params
 
+    w = parallel.init()
+    progress = progress and w.main
     tasks = [load_task(t) for t in task_names]  # fail on unknown names before loading anything
     recipe = run.recipe
-    src: DataSource = resolve(data or recipe.data.source, recipe.data.world, progress=progress)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    src: DataSource = parallel.main_first(lambda: resolve(data or recipe.data.source, recipe.data.world,
+                                                          progress=progress))
+    device = device or parallel.device()
     model, tokenizer = run.load_model(device)
     encoder = Encoder(tokenizer, model.num_image_tokens, model.image_token_id, system=recipe.model.system)
     params = count_params(model)
@@ -170,12 +203,12 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
         ppath = partial_path(results_dir, run.name, task.name, {
             "run": run.name, "recipe_hash": run.recipe_hash, "task": task.name, "version": task.version,
             "data": data_hash, "limit": limit, "max_new_tokens": new_tokens})
-        done = read_partial(ppath)
+        done = parallel.broadcast(_read_partials(ppath) if w.main else None)
         if done and progress:
             from rich.console import Console
 
             Console(stderr=True).print(f"resuming {task.name}: {len(done)} samples already evaluated ({ppath})")
-        writer = PartialWriter(ppath)
+        writer = PartialWriter(ppath if w.size == 1 else _rank_path(ppath, w.rank))
         try:
             records, timing, extra = predict(model, tokenizer, encoder, task, samples, vision=recipe.model.vision,
                                              batch_size=batch_size, max_new_tokens=new_tokens, device=device,
@@ -191,6 +224,9 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
                  "task_version": task.version, "normalizer": task.normalizer or None, "extra": extra,
                  "timestamp": stamp}
                 for r in metric_rows]
+        all_rows += rows
+        if not w.main:  # rank 0 writes the rows every rank computed
+            continue
         results.append_rows(results_dir, "metrics", run.name, rows)
         if log_samples:
             results.append_rows(results_dir, "samples", run.name, [
@@ -200,9 +236,27 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
                  "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"], "prompt_tokens": r["prompt_tokens"],
                  "output_tokens": r["output_tokens"], "batch_size": r["batch_size"], "timestamp": stamp}
                 for r, s in zip(records, scores)])
-        ppath.unlink(missing_ok=True)  # the task's rows are written; nothing left to resume
-        all_rows += rows
+        for p in [ppath, *_rank_paths(ppath)]:  # the task's rows are written; nothing left to resume
+            p.unlink(missing_ok=True)
+    parallel.barrier()
     return all_rows
+
+
+def _rank_path(ppath: Path, rank: int) -> Path:
+    """Rank r's partial file under torchrun: `<task>-<key>.rank<r>.jsonl` beside the one-process file."""
+    return ppath.with_name(f"{ppath.stem}.rank{rank}{ppath.suffix}")
+
+
+def _rank_paths(ppath: Path) -> list[Path]:
+    return sorted(ppath.parent.glob(f"{ppath.stem}.rank*{ppath.suffix}"))
+
+
+def _read_partials(ppath: Path) -> dict:
+    """The samples an interrupted eval finished, with one process or any number of ranks."""
+    done = read_partial(ppath)
+    for p in _rank_paths(ppath):
+        done.update(read_partial(p))
+    return done
 
 
 def _target_text(target) -> str:

@@ -120,6 +120,14 @@ class Routing:
     kept: torch.Tensor  # (N, k) bool, pair processed (valid and within capacity)
     aux_loss: torch.Tensor  # E * sum_i f_i * P_i
     z_loss: torch.Tensor  # mean logsumexp(z)^2
+    f: torch.Tensor  # (E,) fraction of valid tokens whose first choice is i
+    p_mean: torch.Tensor  # (E,) mean router probability of i over valid tokens
+    n_valid: torch.Tensor  # () valid tokens: what f, p_mean and z_loss are means over
+
+
+def balance_loss(f: torch.Tensor, p_mean: torch.Tensor) -> torch.Tensor:
+    """Switch / MoE-LLaVA load balancing: E * sum_i f_i * P_i (1 at perfect balance)."""
+    return f.shape[-1] * (f * p_mean).sum()
 
 
 def capacity_keep(index: torch.Tensor, valid: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
@@ -154,9 +162,9 @@ def route(logits: torch.Tensor, valid: torch.Tensor, top_k: int, capacity_factor
     first = nn.functional.one_hot(index[:, 0], num_experts).float()  # (N, E) first choices
     f = (first * v[:, None]).sum(0) / n_valid  # fraction of valid tokens whose first choice is i
     p_mean = (probs * v[:, None]).sum(0) / n_valid  # mean router probability of i
-    aux = num_experts * (f * p_mean).sum()
+    aux = balance_loss(f, p_mean)
     z = ((torch.logsumexp(logits, -1) ** 2) * v).sum() / n_valid
-    return Routing(probs, index, weight, valid, kept, aux, z)
+    return Routing(probs, index, weight, valid, kept, aux, z, f, p_mean, v.sum())
 
 
 class MoEBlock(nn.Module):

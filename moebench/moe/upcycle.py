@@ -15,7 +15,7 @@ from torch import nn
 
 from moebench.config import MoEConfig, moe_layer_indices
 from moebench.errors import UserError
-from moebench.moe.layer import ExpertsConfig, GatedExperts, MoEBlock, PlainExperts, default_implementation
+from moebench.moe.layer import ExpertsConfig, GatedExperts, MoEBlock, PlainExperts, balance_loss, default_implementation
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
@@ -119,11 +119,23 @@ def set_token_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
 
 
 def moe_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(sum of balance losses, sum of z losses) over MoE layers from the latest forward; None if dense."""
-    blocks = [b for _, b in moe_blocks(model) if b.last is not None]
-    if not blocks:
+    """(sum of balance losses, sum of z losses) over MoE layers from the latest forward; None if dense.
+
+    Under data parallelism f_i, P_i and the z-loss are means over the tokens of the whole global batch
+    (moebench.distributed.global_mean), so the loss is the one a single process would compute.
+    """
+    from moebench.distributed import global_mean
+
+    routings = [b.last for _, b in moe_blocks(model) if b.last is not None]
+    if not routings:
         return None, None
-    return sum(b.last.aux_loss for b in blocks), sum(b.last.z_loss for b in blocks)
+    balance, z = [], []
+    for r in routings:
+        e = r.f.shape[0]
+        means = global_mean(torch.cat([r.f, r.p_mean, r.z_loss.reshape(1)]), r.n_valid)  # one all-reduce
+        balance.append(balance_loss(means[:e], means[e: 2 * e]))
+        z.append(means[2 * e])
+    return sum(balance), sum(z)
 
 
 class LoadCounter:

@@ -18,6 +18,10 @@ Measured on the 64 px grid world after 846 steps: a linear probe reads each patc
 "empty") at 97.5% (88% on object tokens); with plain CLIP on the earlier free-placement world the
 shape probe stayed at its base rate.
 The LLM later reads the patch tokens of `vision.feature_layer`; use -1 so it sees the layer trained here.
+
+Under data parallelism the contrastive loss is over the whole global batch: every rank gathers all
+ranks' embeddings (moebench.distributed.gather_rows), as open_clip's ClipLoss does with local_loss off,
+so the negatives and the loss are those of one process with the same batch.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class ClipPretrainer(nn.Module):
                                   max_position_embeddings=64, projection_dim=proj_dim,
                                   pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id)
         self.text = CLIPTextModelWithProjection(text_cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # (1,): FSDP2 shards no scalars
 
     def image_feature(self, pixel_values):
         out = self.vision_tower(pixel_values=pixel_values)
@@ -56,12 +60,15 @@ class ClipPretrainer(nn.Module):
     def forward(self, pixel_values, caption_ids, caption_mask):
         from open_clip.loss import ClipLoss
 
+        from moebench.distributed import gather_rows, global_mean
+
         if self.training and self.gray_p:
             pixel_values = grayscale(pixel_values, self.gray_p)
         feat = self.image_feature(pixel_values)  # (B, d)
         img = self.visual_projection(feat)  # (B, p)
         txt = self.text(input_ids=caption_ids, attention_mask=caption_mask).text_embeds  # (B, p)
         img, txt = nn.functional.normalize(img, dim=-1), nn.functional.normalize(txt, dim=-1)
+        img, txt = gather_rows(img), gather_rows(txt)  # (B_global, p): the global batch's pairs
         loss = ClipLoss()(img, txt, self.logit_scale.exp().clamp(max=100))
         logs = {"clip_loss": loss.detach()}
         if self.bow_weight:
@@ -71,6 +78,7 @@ class ClipPretrainer(nn.Module):
             target[:, 0] = keep.float().mul(caption_ids == 0).amax(1)  # index 0 only if really present
             bow = nn.functional.binary_cross_entropy_with_logits(self.bow_head(feat), target, reduction="sum")
             bow = bow / caption_ids.shape[0] / 10.0  # ~ per positive label (a caption has ~10 distinct tokens)
+            bow = global_mean(bow, caption_ids.shape[0])  # per caption of the global batch
             loss = loss + self.bow_weight * bow
             logs["bow_loss"] = bow.detach()
         return loss, logs

@@ -2,13 +2,23 @@
 accumulation, bf16 autocast on CUDA, resumable checkpoints, a rich progress bar.
 
 The loop is model-agnostic: it gets a module, a loss function and a dataset. Data order is a pure
-function of (seed, epoch), and each rank would take every world_size-th batch, so torchrun data
-parallelism can wrap the module without changing the loop.
+function of (seed, epoch): each epoch is a seeded permutation cut into global batches of
+`batch_size`. Under torchrun (moebench/distributed.py) rank r of W takes items r, r + W, ... of every
+global batch, the loss functions return the loss of the whole global batch, and each rank
+backpropagates W * loss / grad_accum, so W processes make the update one process makes: the same
+steps, epochs and loss curve for any number of processes.
+
+Checkpoints (`partial/`, every `save_every` steps) hold the weights (safetensors), the optimizer
+state keyed by parameter name, the scheduler, the RNG states and the data position; they are written
+once (rank 0) into a temp dir renamed into place, and load into any number of processes. A loss that
+is NaN or inf stops the stage before the update: the last checkpoint stays as it was and the step is
+recorded in `nonfinite.json` beside it.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,11 +27,22 @@ from typing import Callable
 
 import torch
 
+from moebench import distributed as parallel
 from moebench.config import StageConfig
+from moebench.errors import UserError
 from moebench.models.checkpoint import atomic_dir, load_weights
 
 STATE_FILE = "state.pt"
 WEIGHTS_FILE = "weights.safetensors"
+NONFINITE_FILE = "nonfinite.json"
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or inf: the stage stopped before applying that step."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -47,12 +68,16 @@ def lr_lambda(stage: StageConfig, total: int) -> Callable[[int], float]:
 
 
 @functools.lru_cache(maxsize=2)
-def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """The batches of one epoch: a seeded permutation, cut into batches, sharded across ranks."""
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: a seeded permutation cut into batches (the last may be short)."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
-    batches = [perm[i: i + batch_size] for i in range(0, n, batch_size)]
-    return batches[rank::world]
+    return [perm[i: i + batch_size] for i in range(0, n, batch_size)]
+
+
+def shard(batch: list[int], rank: int, world: int) -> list[int]:
+    """This rank's items of a global batch: items rank, rank + world, ... (sizes differ by at most one)."""
+    return batch[rank::world]
 
 
 def total_steps(stage: StageConfig, n: int) -> int:
@@ -80,8 +105,16 @@ def run_stage(
     progress: bool = True,
     after_backward: Callable[[float], dict] | None = None,
     before_step: Callable[[int, int], None] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> StageResult:
-    """Train `module` for one stage. `param_groups` are (name, params, lr); `log` receives training rows."""
+    """Train `module` for one stage. `param_groups` are (name, params, lr); `log` receives training rows.
+
+    `module` may come from moebench.distributed.prepare (DDP / FSDP2); `generators` are RNGs of the
+    stage besides torch's own (RoE's random skips), saved in checkpoints with it.
+    """
+    w = parallel.world()
+    net = parallel.unwrap(module)
+    generators = generators or {}
     n = len(dataset)
     total = total_steps(stage, n)
     per_epoch = math.ceil(n / stage.batch_size)
@@ -91,19 +124,18 @@ def run_stage(
     partial = Path(work_dir) / "partial"
     step = 0
     if resume and (partial / STATE_FILE).is_file():
-        load_weights(module, partial / WEIGHTS_FILE)
-        state = torch.load(partial / STATE_FILE, weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
+        step = _load_partial(net, opt, sched, partial, generators, _position(0, stage, n, seed))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and precision != "fp32") \
         else torch.autocast("cpu", enabled=False)
 
-    def micro_batch(m: int) -> dict:
+    def micro_batch(m: int) -> tuple[dict, bool]:
+        """This rank's part of global micro-batch m, and whether it is only a stand-in: a global batch
+        with fewer items than ranks leaves some ranks none, and they run one item that counts for nothing."""
         epoch, within = divmod(m, per_epoch)
         idx = batch_order(n, stage.batch_size, seed, epoch)[within]
-        return {k: v.to(device) for k, v in collate([dataset[i] for i in idx]).items()}
+        mine = shard(idx, w.rank, w.size)
+        batch = collate([dataset[i] for i in (mine or idx[:1])])
+        return {k: v.to(device) for k, v in batch.items()}, not mine
 
     module.train()
     rows, pending, last_loss = [], [], float("nan")
@@ -114,18 +146,25 @@ def run_stage(
         while step < total:
             if before_step is not None:  # e.g. RoE's phases and temperature
                 before_step(step, total)
+            step_loss = 0.0
             for micro in range(stage.grad_accum):
-                batch = micro_batch(step * stage.grad_accum + micro)
-                with autocast:
-                    loss, logs = loss_fn(module, batch)
-                (loss / stage.grad_accum).backward()
+                batch, stand_in = micro_batch(step * stage.grad_accum + micro)
+                with parallel.grad_sync(module, micro == stage.grad_accum - 1), parallel.stand_in(stand_in):
+                    with autocast:
+                        loss, logs = loss_fn(module, batch)  # the global batch's loss, alike on every rank
+                    (loss * w.size / stage.grad_accum).backward()  # DDP / FSDP2 average over the w.size ranks
                 if after_backward is not None:  # e.g. STGC: losses that need this step's gradients
                     logs = {**logs, **after_backward(1.0 / stage.grad_accum)}
                 acc_loss += loss.item() / stage.grad_accum
-                acc_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
+                step_loss += loss.item() / stage.grad_accum
+                if not stand_in:
+                    acc_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
                 for k, v in logs.items():
                     v = v.detach().float().cpu() if torch.is_tensor(v) else torch.tensor(float(v))
                     acc_logs[k] = acc_logs.get(k, 0.0) + v / stage.grad_accum
+            if not math.isfinite(step_loss):
+                opt.zero_grad(set_to_none=True)
+                raise _non_finite(stage, step + 1, total, step_loss, logs, partial, pending)
             if stage.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for _, ps, _ in param_groups for p in ps], stage.grad_clip)
             opt.step()
@@ -136,11 +175,13 @@ def run_stage(
             if step % stage.log_every == 0 or step == total:
                 dt = time.perf_counter() - t_log
                 last_loss = acc_loss / k
+                acc_logs = parallel.mean_across_ranks(acc_logs)  # statistics of each rank's share
+                tokens = parallel.sum_across_ranks(acc_tokens)
                 row = {"stage": stage.name, "step": step, "epoch": step * stage.grad_accum / per_epoch,
                        "loss": last_loss, "lm_loss": float(acc_logs.get("lm_loss", last_loss * k)) / k,
                        "aux_loss": float(acc_logs.get("aux_loss", 0.0)) / k, "lr": sched.get_last_lr()[0],
                        "extra": _extra(acc_logs, k),
-                       "tokens_per_s": acc_tokens / dt if dt > 0 else None,
+                       "tokens_per_s": tokens / dt if dt > 0 else None,
                        "elapsed_s": time.perf_counter() - t_start}
                 rows.append(row)
                 pending.append(row)
@@ -149,7 +190,7 @@ def run_stage(
             else:
                 bar.update(step)
             if stage.save_every and step % stage.save_every == 0 and step < total:
-                _save_partial(module, opt, sched, step, partial)
+                _save_partial(net, opt, sched, partial, generators, _position(step, stage, n, seed))
                 log(pending)
                 pending = []
             if on_step is not None:
@@ -175,13 +216,95 @@ def _extra(acc_logs: dict, k: int) -> dict | None:
     return out or None
 
 
-def _save_partial(module, opt, sched, step: int, partial: Path) -> None:
-    from safetensors.torch import save_model
+def _position(step: int, stage: StageConfig, n: int, seed: int) -> dict:
+    """Where the data stream stands after `step` optimizer steps (the next micro-batch to run)."""
+    epoch, batch = divmod(step * stage.grad_accum, math.ceil(n / stage.batch_size))
+    return {"step": step, "epoch": epoch, "batch": batch, "samples": n, "batch_size": stage.batch_size,
+            "grad_accum": stage.grad_accum, "seed": seed}
 
+
+def _save_partial(net, opt, sched, partial: Path, generators: dict[str, torch.Generator], position: dict) -> None:
+    """A resumable checkpoint, written once (rank 0) into a temp dir renamed into place. Weights and
+    optimizer state are full (gathered under FSDP2) and keyed by parameter name, so the checkpoint
+    loads into any number of processes."""
+    from safetensors.torch import save_file, save_model
+
+    weights = parallel.full_state_dict(net) if parallel.sharded(net) else None  # collectives: every rank
+    optimizer = parallel.optimizer_state_dict(net, opt)
+    if not parallel.world().main:
+        return
+    state = {"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+             "generators": {name: g.get_state() for name, g in generators.items()},
+             "step": position["step"], "data": position, "world_size": parallel.world().size}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
     with atomic_dir(partial) as tmp:
-        save_model(module, str(tmp / WEIGHTS_FILE))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "step": step}, tmp / STATE_FILE)
+        if weights is None:
+            save_model(net, str(tmp / WEIGHTS_FILE))
+        else:
+            save_file(_one_per_storage(weights), str(tmp / WEIGHTS_FILE))
+        torch.save(state, tmp / STATE_FILE)
+
+
+def _one_per_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied weights once (as save_model stores them); loading fills the twin."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            out[k] = v.contiguous()
+    return out
+
+
+def _load_partial(net, opt, sched, partial: Path, generators: dict[str, torch.Generator], expect: dict) -> int:
+    """Restore a checkpoint written by `_save_partial` (with any number of processes); return its step."""
+    from safetensors.torch import load_file
+
+    state = torch.load(partial / STATE_FILE, weights_only=True)
+    data = state.get("data", {})
+    for key in ("samples", "batch_size", "grad_accum", "seed"):
+        if key in data and data[key] != expect[key]:
+            raise UserError(f"cannot resume from {partial}: it was written with {key}={data[key]}, this run has "
+                            f"{expect[key]}; remove the folder to start the stage over")
+    if parallel.sharded(net):
+        parallel.load_full_state_dict(net, load_file(str(partial / WEIGHTS_FILE)))
+    else:
+        load_weights(net, partial / WEIGHTS_FILE)
+    if all(isinstance(k, int) for k in state["optimizer"]["state"]):  # written before names keyed it
+        opt.load_state_dict(state["optimizer"])
+    else:
+        parallel.load_optimizer_state_dict(net, opt, state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    for name, g in generators.items():
+        if name in state.get("generators", {}):
+            g.set_state(state["generators"][name])
+    return state["step"]
+
+
+def _non_finite(stage: StageConfig, step: int, total: int, loss: float, logs: dict, partial: Path,
+                pending: list[dict]) -> NonFiniteLoss:
+    """The error for a NaN / inf loss at `step`; rank 0 records it in nonfinite.json beside the checkpoint."""
+    saved = None
+    if (partial / STATE_FILE).is_file():
+        saved = torch.load(partial / STATE_FILE, weights_only=True)["step"]
+    record = Path(partial).parent / NONFINITE_FILE
+    if parallel.world().main:
+        terms = {k: float(v) for k, v in logs.items() if k in ("lm_loss", "aux_loss")}  # last micro-batch
+        info = {"stage": stage.name, "step": step, "loss": str(loss), "terms": terms, "checkpoint_step": saved,
+                "rows_since_checkpoint": pending}
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".{record.name}.tmp")
+        tmp.write_text(json.dumps(info, indent=1, default=str))
+        tmp.replace(record)
+    kept = (f"the last good checkpoint (step {saved}) is kept in {partial}" if saved is not None else
+            f"no checkpoint was written before it (stages.{stage.name}.save_every={stage.save_every})")
+    return NonFiniteLoss(f"stage {stage.name}: the loss is {loss} at step {step} of {total}; stopped before that "
+                         f"update, {kept}; recorded in {record}. Lower stages.{stage.name}.lr or check the data",
+                         step)
 
 
 class _Bar:

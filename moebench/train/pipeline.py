@@ -2,10 +2,17 @@
 
 Each stage's checkpoint is keyed by a hash of the recipe part that produced it (model, data, stages so
 far, seed), so the dense, MoE, STGC and RoE recipes that share stages I and II share those checkpoints.
+
+Under torchrun every rank runs this function: each stage trains through moebench.distributed.prepare
+(the recipe's `distributed: ddp | fsdp`), the data world and the tokenizer are made by rank 0 first,
+and only rank 0 writes stage checkpoints, the run directory and training rows (then a barrier).
+Data parallelism does not change what a stage computes, so stage keys (and cached stages) are shared
+with single-process runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -15,14 +22,15 @@ from typing import Callable
 
 import torch
 
+from moebench import distributed as parallel
 from moebench import results
 from moebench.config import MoEConfig, Recipe, StageConfig, recipe_hash, stage_key, to_dict, roe_index, tokenizer_corpus, upcycle_index
-from moebench.data.conversations import ConversationDataset, Encoder, collate, read_conversations
+from moebench.data.conversations import IGNORE, ConversationDataset, Encoder, collate, read_conversations
 from moebench.data.sources import DataSource, file_hash, resolve
 from moebench.errors import UserError
 from moebench.models.checkpoint import atomic_dir, is_model_dir, load_vlm, save_vlm
 from moebench.runs import RUN_FILE, STAGES_DIR, RunInfo, git_commit
-from moebench.train.loop import run_stage
+from moebench.train.loop import NONFINITE_FILE, run_stage
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -33,7 +41,7 @@ def _say(progress: bool, msg: str) -> None:
 
 
 def device_for(recipe: Recipe) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return parallel.device()
 
 
 def data_hash(recipe: Recipe, src: DataSource) -> str:
@@ -104,7 +112,8 @@ def make_loss_fn(moe: MoEConfig | None):
 
     def loss_fn(model, batch):
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        lm = lm_loss(out.logits, batch["labels"])
+        supervised = (batch["labels"][:, 1:] != IGNORE).sum()  # the tokens lm_loss averages over
+        lm = parallel.global_mean(lm_loss(out.logits, batch["labels"]), supervised)
         logs = {"lm_loss": lm.detach()}
         balance, z = moe_losses(model)
         if balance is None or moe is None:
@@ -119,29 +128,47 @@ def make_loss_fn(moe: MoEConfig | None):
     return loss_fn
 
 
+def per_example(loss_fn):
+    """A loss that is a mean over examples (RoE's regularised objective): over the global batch's
+    examples under data parallelism."""
+
+    def global_loss_fn(model, batch):
+        loss, logs = loss_fn(model, batch)
+        return parallel.global_mean(loss, batch["labels"].shape[0]), logs
+
+    return global_loss_fn
+
+
 def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = False, progress: bool = True,
           on_step: Callable[[int], None] | None = None) -> RunInfo:
-    """Train every stage of `recipe` that is not cached yet; return the finished run."""
+    """Train every stage of `recipe` that is not cached yet; return the finished run.
+
+    Under torchrun, every rank calls this; rank 0 writes (see the module docstring)."""
+    w = parallel.init()
+    if w.size > 1 and recipe.stgc is not None:
+        raise UserError("variant stgc trains in one process: its conflict test compares each token's gradient "
+                        "with the mean of its expert's tokens in the batch; run it without torchrun / --nproc")
+    progress = progress and w.main
     torch.manual_seed(recipe.seed)
-    src = resolve(recipe.data.source, recipe.data.world, progress=progress)
+    src = parallel.main_first(lambda: resolve(recipe.data.source, recipe.data.world, progress=progress))
     dhash = data_hash(recipe, src)
     dirs = stage_dirs(recipe, runs_dir, dhash)
     run_name = f"{recipe.name}-{dirs[-1].name.rsplit('-', 1)[1][:8]}"
     device = device_for(recipe)
 
-    done = max((i for i, d in enumerate(dirs) if is_model_dir(d / "model")), default=-1)
+    done = parallel.broadcast(max((i for i, d in enumerate(dirs) if is_model_dir(d / "model")), default=-1))
     if done >= 0:
         model, tokenizer, _ = load_vlm(dirs[done] / "model", expect=recipe.model)
-        _say(True, f"reusing stages {[s.name for s in recipe.stages[: done + 1]]} from {dirs[done].parent}")
+        _say(w.main, f"reusing stages {[s.name for s in recipe.stages[: done + 1]]} from {dirs[done].parent}")
     else:
         from moebench.models.build import build_vlm
 
-        tokenizer = make_tokenizer(recipe, src)
+        tokenizer = parallel.broadcast(make_tokenizer(recipe, src) if w.main else None)
         model = build_vlm(recipe.model, tokenizer)
     model.to(device)
 
     def log(rows: list[dict]) -> None:
-        if rows:
+        if rows and w.main:
             stamp = results.utc_now()
             results.append_rows(results_dir, "train", run_name, [{**r, "run": run_name, "timestamp": stamp} for r in rows])
 
@@ -154,56 +181,64 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
         items = read_conversations(src.root / stage.data, stage.max_samples)
         with_image = [it for it in items if it.get("image")]
         if len(with_image) < len(items):  # LLaVA-mix665k has text-only items; this loop trains on image ones
-            _say(True, f"[yellow]note:[/] stage {stage.name}: skipping {len(items) - len(with_image)} of "
-                       f"{len(items)} conversations without an image")
+            _say(w.main, f"[yellow]note:[/] stage {stage.name}: skipping {len(items) - len(with_image)} of "
+                         f"{len(items)} conversations without an image")
             items = with_image
         dataset = ConversationDataset(items, src.root / stage.images, encoder, stage.template, recipe.model.vision)
         if stage.kind == "clip":
             from moebench.train.clip import ClipPretrainer, clip_loss_fn
 
-            module = ClipPretrainer(model.vision_tower, len(tokenizer), tokenizer.pad_token_id,
-                                    tokenizer.eos_token_id).to(device)
-            for p in module.parameters():
-                p.requires_grad_(True)
-            groups, loss_fn = [("vision", list(module.parameters()), stage.lr)], clip_loss_fn
+            plain = ClipPretrainer(model.vision_tower, len(tokenizer), tokenizer.pad_token_id,
+                                   tokenizer.eos_token_id).to(device)
+            select, loss_fn = functools.partial(_all_params, lr=stage.lr), clip_loss_fn
         else:
             if stage.upcycle:
                 from moebench.moe.upcycle import upcycle
 
                 layers = upcycle(model.llm, recipe.moe)
-                _say(True, f"upcycled FFNs of layers {layers} into {recipe.moe.num_experts} experts "
-                               f"(top-{recipe.moe.top_k})")
+                _say(w.main, f"upcycled FFNs of layers {layers} into {recipe.moe.num_experts} experts "
+                             f"(top-{recipe.moe.top_k})")
             if stage.add_roe:
                 from moebench.roe.model import add_roe
 
                 layers = add_roe(model, recipe.roe)
-                _say(True, f"RoE: layers {layers} may be skipped (target skip ratio {recipe.roe.target_skip})")
-            module, groups, loss_fn = model, _param_groups(model, stage), make_loss_fn(recipe.moe)
-        before_step = None
+                _say(w.main, f"RoE: layers {layers} may be skipped (target skip ratio {recipe.roe.target_skip})")
+            plain = model
+            select, loss_fn = functools.partial(_param_groups, stage=stage), make_loss_fn(recipe.moe)
+        # module: what a step calls; net: the model it trains (a sharded copy of `plain` under FSDP2)
+        module, net, groups = parallel.prepare(plain, recipe.distributed, select)
+        before_step, generators = None, None
         if _roe_added(recipe, i) and stage.kind == "lm":
             from moebench.roe.model import phase_hook, roe_loss_fn
 
             trained = {name: params for name, params, _ in groups}
-            loss_fn, before_step = roe_loss_fn(recipe.roe), phase_hook(model, recipe.roe, trained)
+            loss_fn, before_step = per_example(roe_loss_fn(recipe.roe)), phase_hook(net, recipe.roe, trained)
+            generators = {"roe": net.roe.ctx.generator}
         stgc = None
         if recipe.stgc is not None and _upcycled(recipe, i):
             from moebench.moe.stgc import STGC
             from moebench.moe.upcycle import moe_blocks
 
-            stgc = STGC(recipe.stgc, moe_blocks(model))
-        _say(progress, f"[bold]stage {i} {stage.name}[/]: {len(dataset)} samples, training {stage.train}")
+            stgc = STGC(recipe.stgc, moe_blocks(net))
+        _say(progress, f"[bold]stage {i} {stage.name}[/]: {len(dataset)} samples, training {stage.train}"
+                       + (f", {w.size} processes ({recipe.distributed})" if w.size > 1 else ""))
         res = run_stage(module, groups, loss_fn, dataset, lambda b: collate(b, tokenizer.pad_token_id), stage,
                         seed=recipe.seed, work_dir=dirs[i], resume=resume, device=device,
                         precision=recipe.precision, log=log, on_step=on_step, progress=progress,
-                        after_backward=stgc.after_backward if stgc else None, before_step=before_step)
+                        after_backward=stgc.after_backward if stgc else None, before_step=before_step,
+                        generators=generators)
+        parallel.copy_back(net, plain)
         if _roe_added(recipe, i):
             model.roe.ctx.mode = "hard"
         if stgc:
             stgc.close()
-        save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss},
-                 moe=recipe.moe if _upcycled(recipe, i) else None, roe=recipe.roe if _roe_added(recipe, i) else None)
-        (dirs[i] / "stage.json").write_text(json.dumps({"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
-        shutil.rmtree(dirs[i] / "partial", ignore_errors=True)
+        if w.main:
+            save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss},
+                     moe=recipe.moe if _upcycled(recipe, i) else None, roe=recipe.roe if _roe_added(recipe, i) else None)
+            (dirs[i] / "stage.json").write_text(json.dumps({"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
+            shutil.rmtree(dirs[i] / "partial", ignore_errors=True)
+            (dirs[i] / NONFINITE_FILE).unlink(missing_ok=True)
+        parallel.barrier()
 
     run_dir = Path(runs_dir) / run_name
     meta = {
@@ -212,10 +247,19 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
         "train_seconds": time.perf_counter() - t0,
         "final_loss": json.loads((dirs[-1] / "stage.json").read_text())["final_loss"],
     }
-    with atomic_dir(run_dir) as tmp:
-        shutil.copytree(dirs[-1] / "model", tmp / "model", copy_function=_link_or_copy)
-        (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1))
+    if w.main:
+        with atomic_dir(run_dir) as tmp:
+            shutil.copytree(dirs[-1] / "model", tmp / "model", copy_function=_link_or_copy)
+            (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1))
+    parallel.barrier()
     return RunInfo(run_dir, meta)
+
+
+def _all_params(module, lr: float) -> list[tuple[str, list, float]]:
+    """Stage 0 (CLIP pre-training): every parameter of the pre-trainer learns."""
+    for p in module.parameters():
+        p.requires_grad_(True)
+    return [("vision", list(module.parameters()), lr)]
 
 
 def _upcycled(recipe: Recipe, i: int) -> bool:
