@@ -96,13 +96,14 @@ def all_gather(obj: T) -> list[T]:
     return out
 
 
-def main_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0, then on the others: a cache rank 0 fills (data world) is read, not rebuilt."""
+def node_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on each machine's first process, then on the others: a cache on the machine (the
+    shapes world under $MOEBENCH_CACHE) is filled once and then read, not built by every rank."""
     w = world()
-    if w.main:
+    if w.local_rank == 0:
         out = fn()
     barrier()
-    if not w.main:
+    if w.local_rank != 0:
         out = fn()
     return out
 
@@ -240,9 +241,11 @@ def prepare(model: nn.Module, kind: str, select: Callable[[nn.Module], T]) -> tu
       DistributedDataParallel with find_unused_parameters: parameters without a gradient in a step are
       common here (RoE layers an example skips, routers in RoE's warm-up, the vision tower's final
       norm that stage 0's pooling never reads);
-    - fsdp: a copy of the model, `fully_shard` per transformer block then on the root (FSDP2 replaces
-      the parameters by sharded DTensors), then select on the copy. `copy_back` returns the trained
-      weights to `model` at the end of the stage, so the next stage can transform it (upcycle, RoE).
+    - fsdp: `model` moves to the CPU (each GPU holds only its shards while the stage trains); a copy
+      of it is sharded with `fully_shard` per transformer block then on the root (FSDP2 replaces the
+      parameters by sharded DTensors and moves them to this rank's GPU), then select on the copy.
+      `copy_back` returns the trained weights to `model` at the end of the stage, so the next stage
+      can transform it (upcycle, RoE).
     """
     w = world()
     if w.size == 1:
@@ -256,7 +259,8 @@ def prepare(model: nn.Module, kind: str, select: Callable[[nn.Module], T]) -> tu
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        _broadcast_parameters(model)  # every rank shards the same weights
+        model.to("cpu")
+        _broadcast_parameters(model)  # every rank shards rank 0's weights
         net = copy.deepcopy(model)
         for block in _blocks(net):
             fully_shard(block)
@@ -272,12 +276,14 @@ def prepare(model: nn.Module, kind: str, select: Callable[[nn.Module], T]) -> tu
 
 
 def copy_back(net: nn.Module, model: nn.Module) -> None:
-    """After an FSDP2 stage: the trained full weights into the unsharded `model` on every rank."""
+    """After an FSDP2 stage: the trained full weights into the unsharded `model` (on the CPU), on every
+    rank (gathered on rank 0, then broadcast)."""
     if net is model or not sharded(net):
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    model.load_state_dict(get_model_state_dict(net, options=StateDictOptions(full_state_dict=True)))
+    state = full_state_dict(net)
+    if world().main:
+        model.load_state_dict(state)
+    _broadcast_parameters(model)
 
 
 @contextlib.contextmanager
@@ -299,9 +305,13 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _broadcast_parameters(model: nn.Module) -> None:
+    """Rank 0's weights and buffers into `model` on every rank (through the GPU under nccl)."""
     with torch.no_grad():
         for t in model.state_dict().values():
-            dist.broadcast(t, src=0)
+            buf = t.to(device())
+            dist.broadcast(buf, src=0)
+            if buf is not t:
+                t.copy_(buf)
 
 
 # ---------------------------------------------------------------------------- checkpoints

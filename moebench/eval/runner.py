@@ -181,7 +181,7 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
     progress = progress and w.main
     tasks = [load_task(t) for t in task_names]  # fail on unknown names before loading anything
     recipe = run.recipe
-    src: DataSource = parallel.main_first(lambda: resolve(data or recipe.data.source, recipe.data.world,
+    src: DataSource = parallel.node_first(lambda: resolve(data or recipe.data.source, recipe.data.world,
                                                           progress=progress))
     device = device or parallel.device()
     model, tokenizer = run.load_model(device)

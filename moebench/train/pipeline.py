@@ -150,7 +150,7 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
                         "with the mean of its expert's tokens in the batch; run it without torchrun / --nproc")
     progress = progress and w.main
     torch.manual_seed(recipe.seed)
-    src = parallel.main_first(lambda: resolve(recipe.data.source, recipe.data.world, progress=progress))
+    src = parallel.node_first(lambda: resolve(recipe.data.source, recipe.data.world, progress=progress))
     dhash = data_hash(recipe, src)
     dirs = stage_dirs(recipe, runs_dir, dhash)
     run_name = f"{recipe.name}-{dirs[-1].name.rsplit('-', 1)[1][:8]}"
