@@ -413,9 +413,11 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise MissingFile(path, "recipe file", "see `moebench ls` for the shipped recipes")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if raw is None:
+        raise UserError(f"{path} is empty; a recipe is a YAML mapping with `stages:` (see recipes/shapes_dense.yaml)")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping")
     raw.setdefault("name", path.stem)
@@ -524,8 +526,22 @@ def validate(recipe: Recipe) -> None:
     _validate_moe(recipe)
     _validate_stgc(recipe)
     _validate_roe(recipe)
+    _validate_variant_sections(recipe)
     if recipe.eval.batch_size < 1:
         raise UserError(f"eval.batch_size={recipe.eval.batch_size} must be >= 1")
+
+
+# The variant sections each variant reads; any other one would be ignored, or train a variant under
+# another's name (a dense recipe with `moe:` and an upcycling stage).
+VARIANT_SECTIONS = {"dense": (), "moe": ("moe",), "stgc": ("moe", "stgc"), "roe": ("roe",)}
+
+
+def _validate_variant_sections(recipe: Recipe) -> None:
+    for section in ("moe", "stgc", "roe"):
+        if getattr(recipe, section) is not None and section not in VARIANT_SECTIONS[recipe.variant]:
+            users = [v for v, sections in VARIANT_SECTIONS.items() if section in sections]
+            raise UserError(f"variant={recipe.variant} does not use the `{section}:` section (variant "
+                            f"{' or '.join(users)} does); remove the section or set variant={users[0]}")
 
 
 def _one_transform_stage(recipe: Recipe, variant: str, section: str, flag: str) -> None:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from moebench.errors import MissingFile, UserError
+from moebench.faults import fault_point
 
 SCHEMA_VERSION = 2  # 2: metrics gained `extra` (variant statistics)
 
@@ -169,6 +170,7 @@ def write_table(rows: Sequence[dict], schema: pa.Schema, path: str | os.PathLike
                 writer.write_table(table)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("results")
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moebench.errors import MissingFile, UserError
+from moebench.faults import fault_point
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE = -100
@@ -24,11 +25,33 @@ def read_conversations(path: Path, max_samples: int | None = None) -> list[dict]
         raise MissingFile(path, "training data file", "download the LLaVA JSON into the data root, or use data.source=shapes")
     try:
         items = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(items, list) or not items or "conversations" not in items[0]:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); the file is incomplete or damaged") from None
+    if not isinstance(items, list):
         raise UserError(f"{path}: expected a LLaVA conversation list [{{'image', 'conversations': [...]}}, ...]")
-    return items[:max_samples] if max_samples else items
+    if not items:
+        raise UserError(f"{path} holds no conversations; point the stage's `data` at a LLaVA conversation file")
+    items = items[:max_samples] if max_samples else items
+    for i, item in enumerate(items):
+        problem = _record_problem(item)
+        if problem:
+            name = f" ({item.get('id')})" if isinstance(item, dict) and item.get("id") else ""
+            raise UserError(f"{path}: conversation {i}{name} {problem}; fix or remove the record")
+    return items
+
+
+def _record_problem(item) -> str:
+    """What is wrong with one LLaVA record, or "" when it can be trained on."""
+    if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+        return "has no `conversations` list"
+    turns = item["conversations"]
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) and "from" in t for t in turns):
+        return "has a turn without `from` and a text `value`"
+    if len(turns) < 2:
+        return "has no answer (it needs a human turn and a gpt turn)"
+    if turns[0]["from"] != "human":
+        return f"starts with a {turns[0]['from']!r} turn, not a human one"
+    return ""
 
 
 def chat_prompt(question: str, system: str = "", first: bool = True) -> str:
@@ -127,6 +150,7 @@ def pad_stack(seqs, value: int, left: bool = False):
 def collate(batch: list[dict], pad_id: int) -> dict:
     import torch
 
+    fault_point("batch")  # crash tests: a kill while a training step builds its micro-batch
     ids, mask = pad_stack([b["input_ids"] for b in batch], pad_id)
     labels, _ = pad_stack([b["labels"] for b in batch], IGNORE)
     caps, cap_mask = pad_stack([b["caption_ids"] for b in batch], pad_id)

@@ -63,8 +63,14 @@ def load_task(name_or_path: str) -> TaskConfig:
         path = tasks_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         raise UserError(f"unknown task {name_or_path!r}{did_you_mean(name_or_path, task_names())}; known: {', '.join(task_names())}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    task = from_dict(TaskConfig, raw, what="task")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"task {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        task = from_dict(TaskConfig, raw, what="task")
+    except UserError as e:
+        raise UserError(f"task {path}: {e}") from None
     for key in ("name", "loader", "questions", "images", "metric", "headline"):
         if not getattr(task, key):
             raise UserError(f"task {path}: `{key}` is empty")
@@ -78,10 +84,19 @@ def load_task(name_or_path: str) -> TaskConfig:
 
 
 def load_samples(task: TaskConfig, root: Path, limit: int | None = None) -> list[Sample]:
-    """All samples of all splits (the first `limit` of each split when given)."""
+    """All samples of all splits (the first `limit` of each split when given). A split without
+    questions, or a file laid out differently from the official one, is a UserError naming the file."""
     out = []
     for split in task.splits:
-        samples = LOADERS.get(task.loader)(task, Path(root), split)
+        path = Path(root) / task.questions.format(split=split)
+        try:
+            samples = LOADERS.get(task.loader)(task, Path(root), split)
+        except (KeyError, TypeError, IndexError) as e:  # a record or file of another layout
+            raise UserError(f"{path}: not in the official {task.name} format ({type(e).__name__}: {e}); "
+                            f"{task.download or 'see the README section on real datasets'}") from None
+        if not samples:
+            raise UserError(f"task {task.name}: split {split!r} has no questions in {path}; "
+                            "check that the file is complete")
         out += samples[:limit] if limit else samples
     return out
 
@@ -90,6 +105,14 @@ def _require(path: Path, task: TaskConfig) -> Path:
     if not path.is_file():
         raise MissingFile(path, f"{task.name} file", task.download or "see the README section on real datasets")
     return path
+
+
+def _read_json(path: Path, task: TaskConfig):
+    """The parsed JSON file `path` of `task`; a missing or unparsable file is a UserError."""
+    try:
+        return json.loads(_require(path, task).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); the file is incomplete or damaged, download it again") from None
 
 
 @LOADERS.register("pope")
@@ -105,12 +128,17 @@ def _pope(task: TaskConfig, root: Path, split: str) -> list[Sample]:
 @LOADERS.register("gqa")
 def _gqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     """Official GQA questions JSON: {qid: {imageId, question, answer, ...}}; images/{imageId}.jpg."""
-    path = _require(root / task.questions.format(split=split), task)
-    data = json.loads(path.read_text())
+    path = root / task.questions.format(split=split)
+    data = _read_json(path, task)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected GQA's mapping {{question id: {{imageId, question, answer}}}}")
     images = root / task.images
     out = []
     for qid in sorted(data, key=_qid_order):
         q = data[qid]
+        missing = [k for k in ("imageId", "question", "answer") if not isinstance(q, dict) or k not in q]
+        if missing:
+            raise UserError(f"{path}: question {qid} has no {', '.join(missing)}")
         image = images / f"{q['imageId']}.jpg"
         if not image.exists() and (images / f"{q['imageId']}.png").exists():
             image = images / f"{q['imageId']}.png"
@@ -123,8 +151,8 @@ def _vqav2(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     """Official VQAv2 files: questions {questions: [{question_id, image_id, question}]} and annotations
     {annotations: [{question_id, answers: [{answer} x 10]}]}. Images: the COCO instances file of the split
     names them when present (annotations/instances_<split>.json), else COCO's COCO_<split>_<id:012d>.jpg."""
-    qs = json.loads(_require(root / task.questions.format(split=split), task).read_text())["questions"]
-    anns = json.loads(_require(root / task.annotations.format(split=split), task).read_text())["annotations"]
+    qs = _read_json(root / task.questions.format(split=split), task)["questions"]
+    anns = _read_json(root / task.annotations.format(split=split), task)["annotations"]
     answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in anns}
     names = _coco_file_names(root / "annotations" / f"instances_{split}.json")
     images, out = root / task.images, []
@@ -140,7 +168,10 @@ def _vqav2(task: TaskConfig, root: Path, split: str) -> list[Sample]:
 def _coco_file_names(path: Path) -> dict[int, str]:
     if not path.is_file():
         return {}
-    return {im["id"]: im["file_name"] for im in json.loads(path.read_text())["images"]}
+    try:
+        return {im["id"]: im["file_name"] for im in json.loads(path.read_text())["images"]}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
 
 
 @LOADERS.register("textvqa")
@@ -148,7 +179,7 @@ def _textvqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     """Official TextVQA 0.5.1 JSON {data: [{question_id, image_id, question, answers (10), ocr_tokens}]};
     images train_images/<image_id>.jpg (TextVQA's val images live there). With `ocr: true` the prompt
     gets LLaVA-1.5's "Reference OCR token: a, b, c" line."""
-    data = json.loads(_require(root / task.questions.format(split=split), task).read_text())["data"]
+    data = _read_json(root / task.questions.format(split=split), task)["data"]
     images, out = root / task.images, []
     for i, q in enumerate(data):
         if not q.get("answers"):
@@ -165,8 +196,8 @@ def _textvqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
 def _scienceqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     """ScienceQA problems.json + pid_splits.json, the problems of `split` that have an image (ScienceQA-IMG);
     prompt as LLaVA's: [Context: hint\n]question\nA. choice\nB. choice ...; the target is the letter."""
-    problems = json.loads(_require(root / task.questions, task).read_text())
-    pids = json.loads(_require(root / task.questions.replace("problems.json", "pid_splits.json"), task).read_text())
+    problems = _read_json(root / task.questions, task)
+    pids = _read_json(root / task.questions.replace("problems.json", "pid_splits.json"), task)
     out = []
     for pid in pids.get(split, []):
         p = problems[pid]

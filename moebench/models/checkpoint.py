@@ -4,47 +4,128 @@ Layout of a model directory:
     model.safetensors   weights
     model.json          {"model": ModelConfig, "vision_config": HF dict, "llm_config": HF dict, "variant", ...}
     tokenizer/          the tokenizer (trained or copied from the checkpoint)
-Directories are written into a temp dir and renamed into place, so a crash never leaves half a model.
+Directories are written into a temp dir and swapped into place (see `atomic_dir`), so a crash never
+leaves half a model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 from moebench.config import ModelConfig, from_dict, to_dict
 from moebench.errors import MissingFile, UserError
+from moebench.faults import fault_point
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
 
 
+@contextlib.contextmanager
 def atomic_dir(final: Path):
-    """Context: yields a temp dir next to `final`; on success it replaces `final` atomically."""
+    """Context: yields a temp dir beside `final`; on success the temp dir takes `final`'s place atomically.
 
-    class _Ctx:
-        def __enter__(self):
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-            return self.tmp
+    The files are fsynced first, then the temp dir is swapped with an existing `final` in one step
+    (Linux renameat2 RENAME_EXCHANGE), so a crash leaves either the old directory or the new one,
+    never half of either. Where the OS cannot swap, the old one is renamed away first: a crash in
+    that window leaves the previous version under the hidden name `.{name}.old-{host}-{pid}`.
+    Temp dirs `.{name}.tmp-{host}-{pid}-*` of processes killed on this host are removed by the
+    next write into the same folder.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_owner()}-", dir=final.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fault_point("checkpoint")
+    if not final.exists():
+        os.replace(tmp, final)
+    elif _exchange(tmp, final):  # tmp now holds the previous version
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        old = final.with_name(f".{final.name}.old-{_owner()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(final.parent)
+    _remove_stale(final)
 
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return False
-            old = None
-            if final.exists():
-                old = final.with_name(f".{final.name}.old.{os.getpid()}")
-                os.replace(final, old)
-            os.replace(self.tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            return False
 
-    return _Ctx()
+def _owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux / glibc < 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. a file system without exchange
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, so the rename publishes data that is on disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove what processes killed on this host left beside `final`: the temp dir of any write into
+    this folder, and old copies of `final` itself (it is in place now)."""
+    host = socket.gethostname()
+    old = f".{final.name}.old-{host}-"
+    for p in final.parent.iterdir():
+        if p.name.startswith(old):
+            owner = p.name[len(old):]
+        else:
+            owner = p.name.partition(f".tmp-{host}-")[2] if p.name.startswith(".") else ""
+        pid = owner.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def save_vlm(model, cfg: ModelConfig, tokenizer, out_dir: Path, extra: dict | None = None,
@@ -83,9 +164,12 @@ def load_vlm(model_dir: Path, expect: ModelConfig | None = None):
     from moebench.models.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
-    if not is_model_dir(model_dir):
-        raise MissingFile(model_dir / META_FILE, "moebench model", "point at a run directory made by `moebench train`")
-    meta = json.loads((model_dir / META_FILE).read_text())
+    if not (model_dir / META_FILE).is_file():
+        raise MissingFile(model_dir / META_FILE, "model config", "point at a run directory made by `moebench train`")
+    if not (model_dir / MODEL_FILE).is_file():
+        raise MissingFile(model_dir / MODEL_FILE, "model weights",
+                          "the checkpoint is incomplete: restore the file or train the run again")
+    meta = _read_meta(model_dir / META_FILE)
     cfg = from_dict(ModelConfig, meta["model"], "model")
     if expect is not None and to_dict(expect) != to_dict(cfg):
         diff = _first_difference(to_dict(expect), to_dict(cfg))
@@ -107,11 +191,34 @@ def load_vlm(model_dir: Path, expect: ModelConfig | None = None):
     return model, tokenizer, meta
 
 
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); the checkpoint is damaged, train the run again") from None
+    missing = [k for k in ("model", "vision_config", "llm_config") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(f"{path}: not a moebench model config (no {', '.join(missing)}); "
+                        "point at a model directory made by `moebench train`")
+    return meta
+
+
 def load_weights(model, path: Path, strict: bool = True) -> None:
-    """Load safetensors weights; shape or key mismatches are a one-line UserError."""
+    """Load safetensors weights (never pickle); an unreadable file or a key or shape mismatch is a
+    one-line UserError."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    if not Path(path).is_file():
+        raise MissingFile(path, "weights file", "the checkpoint is incomplete: restore the file or train again")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        if _is_pickle(path):
+            raise UserError(f"{path} is a pickle (torch.save) file, not safetensors; moebench never unpickles "
+                            "weights: convert it with safetensors.torch.save_file") from None
+        raise UserError(f"{path} is not a readable safetensors file ({e}); it is incomplete or damaged: "
+                        "restore it or train again") from None
     own = model.state_dict()
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
@@ -123,7 +230,16 @@ def load_weights(model, path: Path, strict: bool = True) -> None:
     missing = [k for k in missing if own[k].data_ptr() not in loaded]
     if strict and (missing or unexpected):
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise UserError(f"checkpoint {path} does not match the model: {what}")
+        raise UserError(f"checkpoint {path} does not match the model its config builds: {what} "
+                        "(weights of another variant or size?)")
+
+
+def _is_pickle(path: Path) -> bool:
+    """torch.save's zip archive, or a bare pickle (protocol 2-5: PROTO, version, then an opcode; a
+    safetensors file starts with its little-endian header length, whose third byte is 0 below 64 KiB)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or (len(head) == 4 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] != 0)
 
 
 def _first_difference(a, b, prefix="model") -> str:
