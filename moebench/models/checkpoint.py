@@ -153,10 +153,11 @@ def is_model_dir(path: Path) -> bool:
     return (Path(path) / META_FILE).is_file() and (Path(path) / MODEL_FILE).is_file()
 
 
-def load_vlm(model_dir: Path, expect: ModelConfig | None = None):
+def load_vlm(model_dir: Path, expect: ModelConfig | None = None, variant: str | None = None):
     """Rebuild the architecture from model.json and load the weights (safetensors only, never pickle).
 
-    With `expect`, a checkpoint whose configuration differs from the recipe is an error.
+    With `expect`, a checkpoint whose configuration differs from the recipe is an error; with
+    `variant`, one whose structure (dense, MoE, RoE) is not that variant's.
     Returns (model, tokenizer, meta).
     """
 
@@ -170,6 +171,8 @@ def load_vlm(model_dir: Path, expect: ModelConfig | None = None):
         raise MissingFile(model_dir / MODEL_FILE, "model weights",
                           "the checkpoint is incomplete: restore the file or train the run again")
     meta = _read_meta(model_dir / META_FILE)
+    if variant is not None:
+        _check_variant(meta, variant, model_dir)
     cfg = from_dict(ModelConfig, meta["model"], "model")
     if expect is not None and to_dict(expect) != to_dict(cfg):
         diff = _first_difference(to_dict(expect), to_dict(cfg))
@@ -201,6 +204,18 @@ def _read_meta(path: Path) -> dict:
         raise UserError(f"{path}: not a moebench model config (no {', '.join(missing)}); "
                         "point at a model directory made by `moebench train`")
     return meta
+
+
+# (has MoE layers, has RoE routers) of each variant's final model; STGC trains an MoE model
+VARIANT_STRUCTURE = {"dense": (False, False), "moe": (True, False), "stgc": (True, False), "roe": (False, True)}
+
+
+def _check_variant(meta: dict, variant: str, model_dir: Path) -> None:
+    has = (bool(meta.get("moe")), bool(meta.get("roe")))
+    if variant in VARIANT_STRUCTURE and has != VARIANT_STRUCTURE[variant]:
+        found = "an MoE" if has[0] else "an RoE" if has[1] else "a dense"
+        raise UserError(f"{model_dir} holds {found} model, but its run says variant={variant}; "
+                        "point at the run directory that trained it")
 
 
 def load_weights(model, path: Path, strict: bool = True) -> None:
