@@ -30,6 +30,7 @@ import torch
 from moebench import distributed as parallel
 from moebench.config import StageConfig
 from moebench.errors import UserError
+from moebench.faults import fault_point
 from moebench.models.checkpoint import atomic_dir, load_weights
 
 STATE_FILE = "state.pt"
@@ -162,6 +163,7 @@ def run_stage(
                 for k, v in logs.items():
                     v = v.detach().float().cpu() if torch.is_tensor(v) else torch.tensor(float(v))
                     acc_logs[k] = acc_logs.get(k, 0.0) + v / stage.grad_accum
+            fault_point("step")  # crash tests: killed after backward, before the update
             if not math.isfinite(step_loss):
                 opt.zero_grad(set_to_none=True)
                 raise _non_finite(stage, step + 1, total, step_loss, logs, partial, pending)
