@@ -5,8 +5,6 @@ send SIGKILL to itself: no exception, no `finally`, no flush, exactly like `kill
 Without the variable (always, outside tests) a fault point is one dictionary lookup.
 
 Points (see tests/test_crash.py):
-  batch       a training micro-batch is being built (data/conversations.py `collate`): with
-              grad_accum > 1 the step has run forward and backward on its earlier micro-batches
   step        inside a training step, after backward, before the optimizer update (train/loop.py)
   checkpoint  a checkpoint directory is complete in its temp dir, not yet renamed into place
   results     an Arrow results file is written and fsynced under its temp name, not yet renamed

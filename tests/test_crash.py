@@ -31,7 +31,7 @@ CRASH = [*TINY, "stages.finetune.batch_size=4", "stages.finetune.grad_accum=2", 
 
 # Each kill resumes the previous one's leftovers (the first starts fresh); `fault_point` counts per process.
 KILLS = [
-    ("batch:6", "inside step 3: the 2nd micro-batch, after the 1st one's forward and backward"),
+    ("step:3", "inside step 3: after the backward of both micro-batches, before the update"),
     ("checkpoint:1", "writing the step-4 checkpoint over the step-2 one"),
     ("results:1", "writing the training rows of steps 3-4"),
     ("partial:1", "evaluating, after the first batch of samples was stored"),

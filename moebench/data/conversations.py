@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moebench.errors import MissingFile, UserError
-from moebench.faults import fault_point
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE = -100
@@ -150,7 +149,6 @@ def pad_stack(seqs, value: int, left: bool = False):
 def collate(batch: list[dict], pad_id: int) -> dict:
     import torch
 
-    fault_point("batch")  # crash tests: a kill while a training step builds its micro-batch
     ids, mask = pad_stack([b["input_ids"] for b in batch], pad_id)
     labels, _ = pad_stack([b["labels"] for b in batch], IGNORE)
     caps, cap_mask = pad_stack([b["caption_ids"] for b in batch], pad_id)
