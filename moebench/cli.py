@@ -544,13 +544,15 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors arrive here in standalone_mode=False
+    except Exception as e:  # usage errors arrive here in standalone_mode=False
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        # click's usage errors, or typer's copy of them (typer >= 0.2x vendors click)
+        usage = (click.exceptions.ClickException, getattr(typer, "TyperException", ()))
+        if isinstance(e, usage) and hasattr(e, "show"):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, (click.exceptions.Abort, typer.Abort)):
             sys.exit(1)
         raise
     finally:

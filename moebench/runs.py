@@ -43,7 +43,7 @@ class RunInfo:
     def load_model(self, device=None):
         from moebench.models.checkpoint import load_vlm
 
-        model, tokenizer, _ = load_vlm(self.dir / "model", expect=self.recipe.model)
+        model, tokenizer, _ = load_vlm(self.dir / "model", expect=self.recipe.model, variant=self.recipe.variant)
         if device is not None:
             model.to(device)
         return model, tokenizer

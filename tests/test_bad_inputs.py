@@ -276,8 +276,7 @@ CASES = [
     pytest.param(lambda e: e.eval("--tasks", "gqa", model=_declare_moe(_claim_variant(e, "moe"))),
                  ["does not match the model", "missing", "experts"], id="checkpoint-weights-of-another-variant"),
     pytest.param(lambda e: e.eval("--tasks", "gqa", model=_claim_variant(e, "moe")),
-                 ["holds a dense model", "variant=moe"], id="checkpoint-run-of-another-variant",
-                 marks=pytest.mark.xfail(strict=True, reason="runs.py does not pass the run's variant to load_vlm yet")),
+                 ["holds a dense model", "variant=moe"], id="checkpoint-run-of-another-variant"),
     pytest.param(lambda e: e.eval("--tasks", "gqa", model=_spoil_weights(e, _shrink_a_tensor)), ["has shape", "projector"],
                  id="checkpoint-shape-mismatch"),
     pytest.param(lambda e: e.eval("--tasks", "gqa", model=_spoil_weights(e, _pickle_weights)),
@@ -299,17 +298,15 @@ CASES = [
                  ["missing baseline table", "--update-baseline"], id="cli-compare-missing-baseline"),
 ]
 
-# click's own usage errors: exit 2, a short usage message, no traceback.
-# typer >= 0.2x raises its vendored copy of click's exceptions, which cli.main does not catch yet.
-_VENDORED_CLICK = pytest.mark.xfail(strict=True, reason="cli.main catches click's UsageError, not typer._click's")
+# click's own usage errors: exit 2, a short usage message, no traceback (typer >= 0.2x raises its vendored
+# copy of click's exceptions; cli.main catches both).
 USAGE = [
-    pytest.param(lambda e: ["trian", DENSE], "No such command 'trian'", id="cli-unknown-command", marks=_VENDORED_CLICK),
+    pytest.param(lambda e: ["trian", DENSE], "No such command 'trian'", id="cli-unknown-command"),
     pytest.param(lambda e: [*e.eval("--tasks", "gqa"), "--limit", "-5"], "Invalid value for '--limit'",
-                 id="cli-negative-limit", marks=_VENDORED_CLICK),
+                 id="cli-negative-limit"),
     pytest.param(lambda e: [*e.eval("--tasks", "gqa"), "--batch-size", "0"], "Invalid value for '--batch-size'",
-                 id="cli-batch-size-zero", marks=_VENDORED_CLICK),
-    pytest.param(lambda e: [*e.eval("--tasks", "gqa"), "--limt", "5"], "No such option: --limt", id="cli-unknown-option",
-                 marks=_VENDORED_CLICK),
+                 id="cli-batch-size-zero"),
+    pytest.param(lambda e: [*e.eval("--tasks", "gqa"), "--limt", "5"], "No such option: --limt", id="cli-unknown-option"),
 ]
 
 

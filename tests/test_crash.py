@@ -187,7 +187,5 @@ def test_a_killed_results_write_leaves_only_a_hidden_temp_file(crashed):
     assert {1, 2, 5, 6} <= crashed["steps"]  # rows written before the kill, and by the resumed steps
 
 
-@pytest.mark.xfail(strict=True, reason="train/loop.py writes a checkpoint before the rows of the steps it covers: "
-                                       "a kill between the two loses those rows (steps 3-4 here)")
 def test_training_rows_of_every_step_survive_the_kills(crashed):
     assert crashed["steps"] == {1, 2, 3, 4, 5, 6}

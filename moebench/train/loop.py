@@ -192,9 +192,9 @@ def run_stage(
             else:
                 bar.update(step)
             if stage.save_every and step % stage.save_every == 0 and step < total:
-                _save_partial(net, opt, sched, partial, generators, _position(step, stage, n, seed))
-                log(pending)
+                log(pending)  # rows first: a crash before the checkpoint repeats these steps, never loses their rows
                 pending = []
+                _save_partial(net, opt, sched, partial, generators, _position(step, stage, n, seed))
             if on_step is not None:
                 on_step(step)
     log(pending)
