@@ -38,7 +38,8 @@ class VisionConfig:
     heads: int = 4
     intermediate_size: int = 512
     feature_layer: int = -2  # LLaVA-1.5 reads the penultimate layer
-    select: Literal["patch", "full"] = "patch"  # "patch" drops the class token (LLaVA "default")
+    select: Literal["patch", "full", "max_patch"] = "patch"  # "patch" drops the class token (LLaVA "default");
+    # "max_patch": the patches plus one token, their max over patches (the image embedding stage 0 trains)
     # apply the tower's final LayerNorm to the chosen layer: keeps image embeddings on the scale of
     # token embeddings (raw CLIP residual states are ~100x larger); LLaVA itself feeds raw states
     feature_norm: bool = False
@@ -111,6 +112,9 @@ class StageConfig:
     kind: Literal["clip", "lm"] = "lm"
     data: str = ""  # LLaVA conversation JSON, relative to the data root
     images: str = ""  # image folder, relative to the data root
+    # clip stages: COCO instances JSON under the data root; each vision patch also learns the category of
+    # the object whose box centre lies in it (moebench/train/clip.py)
+    grounding: str = ""
     template: Literal["chat", "plain"] = "chat"  # "plain" = image then caption (LLaVA stage I)
     upcycle: bool = False  # MoE-Tuning stage III: turn the FFNs named in `moe:` into experts first
     add_roe: bool = False  # RoE: wrap the routable layers named in `roe:` (adapters, routers) first
@@ -503,6 +507,8 @@ def validate(recipe: Recipe) -> None:
                 raise UserError(f"{where}.lr_scale.{m}: module is not trained in this stage ({s.train})")
         if s.kind == "clip" and s.train != ["vision"]:
             raise UserError(f"{where}: a clip stage trains the vision tower only; set train: [vision]")
+        if s.grounding and s.kind != "clip":
+            raise UserError(f"{where}.grounding is for kind: clip stages only; remove it or set kind: clip")
         if not s.train:
             raise UserError(f"{where}.train is empty; name the modules that learn ({list(TRAINABLE_MODULES)})")
         for key in ("batch_size", "grad_accum", "max_len"):

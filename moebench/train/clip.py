@@ -17,6 +17,11 @@ learns colour but not shape from InfoNCE alone (linear shape probe stays at the 
 Measured on the 64 px grid world after 846 steps: a linear probe reads each patch token's shape (or
 "empty") at 97.5% (88% on object tokens); with plain CLIP on the earlier free-placement world the
 shape probe stayed at its base rate.
+With a `grounding` COCO file (the embedded world has one), a fourth term grounds the captions' objects
+in the patches, as region-text pre-training does (RegionCLIP, Zhong et al. 2022; GLIP): each patch
+token is classified into the category of the object whose box centre lies in it, or "none". Measured
+on the 64 px world without it: a linear probe read each shape's presence from the tower's max-pooled
+feature at 81% (base rate 63%), and the LLM then answered POPE at chance.
 The LLM later reads the patch tokens of `vision.feature_layer`; use -1 so it sees the layer trained here.
 
 Under data parallelism the contrastive loss is over the whole global batch: every rank gathers all
@@ -26,15 +31,19 @@ so the negatives and the loss are those of one process with the same batch.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from moebench.errors import MissingFile, UserError
+
 
 class ClipPretrainer(nn.Module):
     def __init__(self, vision_tower: nn.Module, vocab_size: int, pad_id: int, eos_id: int, proj_dim: int = 128,
-                 pool: str = "max", bow_weight: float = 1.0, gray_p: float = 1.0):
+                 pool: str = "max", bow_weight: float = 1.0, gray_p: float = 1.0, num_categories: int = 0):
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         super().__init__()
@@ -43,6 +52,8 @@ class ClipPretrainer(nn.Module):
         self.pool, self.bow_weight, self.gray_p, self.pad_id, self.eos_id = pool, bow_weight, gray_p, pad_id, eos_id
         self.visual_projection = nn.Linear(v.hidden_size, proj_dim, bias=False)
         self.bow_head = nn.Linear(v.hidden_size, vocab_size)
+        # grounding: per patch, the category of the object centred in it (0 = none)
+        self.patch_head = nn.Linear(v.hidden_size, num_categories + 1) if num_categories else None
         text_cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                                   num_hidden_layers=2, num_attention_heads=v.num_attention_heads,
                                   max_position_embeddings=64, projection_dim=proj_dim,
@@ -51,20 +62,24 @@ class ClipPretrainer(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # (1,): FSDP2 shards no scalars
 
     def image_feature(self, pixel_values):
-        out = self.vision_tower(pixel_values=pixel_values)
-        if self.pool == "cls":
-            return out.pooler_output
-        h = out.last_hidden_state[:, 1:]  # (B, P, d) patch tokens
-        return h.max(1).values if self.pool == "max" else h.mean(1)
+        return self._features(pixel_values)[0]
 
-    def forward(self, pixel_values, caption_ids, caption_mask):
+    def _features(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled image feature (B, d), patch tokens (B, P, d))."""
+        out = self.vision_tower(pixel_values=pixel_values)
+        h = out.last_hidden_state[:, 1:]  # (B, P, d) patch tokens
+        if self.pool == "cls":
+            return out.pooler_output, h
+        return (h.max(1).values if self.pool == "max" else h.mean(1)), h
+
+    def forward(self, pixel_values, caption_ids, caption_mask, patch_labels=None):
         from open_clip.loss import ClipLoss
 
         from moebench.distributed import gather_rows, global_mean
 
         if self.training and self.gray_p:
             pixel_values = grayscale(pixel_values, self.gray_p)
-        feat = self.image_feature(pixel_values)  # (B, d)
+        feat, patches = self._features(pixel_values)  # (B, d), (B, P, d)
         img = self.visual_projection(feat)  # (B, p)
         txt = self.text(input_ids=caption_ids, attention_mask=caption_mask).text_embeds  # (B, p)
         img, txt = nn.functional.normalize(img, dim=-1), nn.functional.normalize(txt, dim=-1)
@@ -81,6 +96,12 @@ class ClipPretrainer(nn.Module):
             bow = global_mean(bow, caption_ids.shape[0])  # per caption of the global batch
             loss = loss + self.bow_weight * bow
             logs["bow_loss"] = bow.detach()
+        if self.patch_head is not None and patch_labels is not None:
+            logits = self.patch_head(patches)  # (B, P, C + 1)
+            ground = nn.functional.cross_entropy(logits.flatten(0, 1), patch_labels.flatten())
+            ground = global_mean(ground, caption_ids.shape[0])  # all images have P patches
+            loss = loss + ground
+            logs["ground_loss"] = ground.detach()
         return loss, logs
 
 
@@ -93,4 +114,55 @@ def grayscale(pixel_values: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def clip_loss_fn(module: ClipPretrainer, batch: dict):
-    return module(batch["pixel_values"], batch["caption_ids"], batch["caption_mask"])
+    return module(batch["pixel_values"], batch["caption_ids"], batch["caption_mask"], batch.get("patch_labels"))
+
+
+class GroundedCaptions:
+    """A stage-0 dataset plus, per image, its patches' labels: the COCO category (1..C) of the object whose
+    box centre lies in the patch, 0 for none (the image is padded to a square and resized, as in
+    `data.images.preprocess`)."""
+
+    def __init__(self, dataset, coco_file: Path, image_size: int, patch_size: int):
+        if not Path(coco_file).is_file():
+            raise MissingFile(coco_file, "COCO instances file for stage grounding",
+                              "point the clip stage's `grounding` at the world's annotations/instances_*.json")
+        try:
+            coco = json.loads(Path(coco_file).read_text())
+            categories = {c["id"]: i + 1 for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
+            images = {im["id"]: im for im in coco["images"]}
+            boxes: dict[str, list] = {}
+            for a in coco["annotations"]:
+                boxes.setdefault(images[a["image_id"]]["file_name"], []).append(a)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{coco_file}: not a COCO instances file ({e!r})") from None
+        self.dataset, self.num_categories = dataset, len(categories)
+        grid = image_size // patch_size
+        self.labels = {}
+        for name, anns in boxes.items():
+            im = images[anns[0]["image_id"]]
+            side = max(im["width"], im["height"])
+            dx, dy, scale = (side - im["width"]) // 2, (side - im["height"]) // 2, image_size / side
+            label = torch.zeros(grid * grid, dtype=torch.long)
+            for a in anns:
+                x, y, w, h = a["bbox"]
+                col = min(grid - 1, int((x + w / 2 + dx) * scale // patch_size))
+                row = min(grid - 1, int((y + h / 2 + dy) * scale // patch_size))
+                label[row * grid + col] = categories[a["category_id"]]
+            self.labels[name] = label
+        self.empty = torch.zeros(grid * grid, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], "patch_labels": self.labels.get(self.dataset.items[i]["image"], self.empty)}
+
+
+def grounded_collate(collate):
+    """Wrap a collate function so it also stacks the patch labels."""
+    def f(batch: list[dict]) -> dict:
+        out = collate(batch)
+        if "patch_labels" in batch[0]:
+            out["patch_labels"] = torch.stack([b["patch_labels"] for b in batch])
+        return out
+    return f

@@ -185,11 +185,16 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
                          f"{len(items)} conversations without an image")
             items = with_image
         dataset = ConversationDataset(items, src.root / stage.images, encoder, stage.template, recipe.model.vision)
+        batch_fn = functools.partial(collate, pad_id=tokenizer.pad_token_id)
         if stage.kind == "clip":
-            from moebench.train.clip import ClipPretrainer, clip_loss_fn
+            from moebench.train.clip import ClipPretrainer, GroundedCaptions, clip_loss_fn, grounded_collate
 
-            plain = ClipPretrainer(model.vision_tower, len(tokenizer), tokenizer.pad_token_id,
-                                   tokenizer.eos_token_id).to(device)
+            if stage.grounding:
+                v = recipe.model.vision
+                dataset = GroundedCaptions(dataset, src.root / stage.grounding, v.image_size, v.patch_size)
+                batch_fn = grounded_collate(batch_fn)
+            plain = ClipPretrainer(model.vision_tower, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                   num_categories=getattr(dataset, "num_categories", 0)).to(device)
             select, loss_fn = functools.partial(_all_params, lr=stage.lr), clip_loss_fn
         else:
             if stage.upcycle:
@@ -222,7 +227,7 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
             stgc = STGC(recipe.stgc, moe_blocks(net))
         _say(progress, f"[bold]stage {i} {stage.name}[/]: {len(dataset)} samples, training {stage.train}"
                        + (f", {w.size} processes ({recipe.distributed})" if w.size > 1 else ""))
-        res = run_stage(module, groups, loss_fn, dataset, lambda b: collate(b, tokenizer.pad_token_id), stage,
+        res = run_stage(module, groups, loss_fn, dataset, batch_fn, stage,
                         seed=recipe.seed, work_dir=dirs[i], resume=resume, device=device,
                         precision=recipe.precision, log=log, on_step=on_step, progress=progress,
                         after_backward=stgc.after_backward if stgc else None, before_step=before_step,
@@ -233,9 +238,13 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
         if stgc:
             stgc.close()
         if w.main:
+            # stage.json whole or absent, and before the model, whose presence marks the stage done
+            dirs[i].mkdir(parents=True, exist_ok=True)
+            tmp = dirs[i] / ".stage.json.tmp"
+            tmp.write_text(json.dumps({"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
+            os.replace(tmp, dirs[i] / "stage.json")
             save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss},
                      moe=recipe.moe if _upcycled(recipe, i) else None, roe=recipe.roe if _roe_added(recipe, i) else None)
-            (dirs[i] / "stage.json").write_text(json.dumps({"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
             shutil.rmtree(dirs[i] / "partial", ignore_errors=True)
             (dirs[i] / NONFINITE_FILE).unlink(missing_ok=True)
         parallel.barrier()
