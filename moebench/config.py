@@ -683,6 +683,8 @@ def stage_key(recipe: Recipe, index: int, data_hash: str) -> str:
         d = to_dict(s)
         for k in _NON_SEMANTIC_STAGE_KEYS:
             d.pop(k)
+        if not d["grounding"]:  # added later: recipes without it keep their earlier keys (and checkpoints)
+            del d["grounding"]
         stages.append(d)
     part = {
         "model": to_dict(recipe.model),
