@@ -178,14 +178,15 @@ def write_table(rows: Sequence[dict], schema: pa.Schema, path: str | os.PathLike
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
-def _fsync_dir(directory: Path) -> None:
-    # makes the rename itself durable on POSIX; directories cannot be opened this way on Windows
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes a rename in it durable on POSIX); best effort:
+    folders cannot be opened this way on Windows."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 from moebench.config import ModelConfig, from_dict, to_dict
 from moebench.errors import MissingFile, UserError
 from moebench.faults import fault_point
+from moebench.results import fsync_path
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -58,7 +59,7 @@ def atomic_dir(final: Path):
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     _remove_stale(final)
 
 
@@ -82,25 +83,12 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file and folder under `root`, so the rename publishes data that is on disk."""
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync(Path(folder) / name)
-        _fsync(Path(folder))
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
 
 
 def _remove_stale(final: Path) -> None:

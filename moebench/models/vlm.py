@@ -110,7 +110,6 @@ def _forward_routed(model: VLM, embeds, attention_mask, position_ids, input_ids,
     return out
 
 
-
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy, mean over supervised tokens (labels -100 are ignored)."""
     shift_logits = logits[:, :-1].float()  # (B, T-1, V)

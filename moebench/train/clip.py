@@ -161,8 +161,5 @@ class GroundedCaptions:
 def grounded_collate(collate):
     """Wrap a collate function so it also stacks the patch labels."""
     def f(batch: list[dict]) -> dict:
-        out = collate(batch)
-        if "patch_labels" in batch[0]:
-            out["patch_labels"] = torch.stack([b["patch_labels"] for b in batch])
-        return out
+        return {**collate(batch), "patch_labels": torch.stack([b["patch_labels"] for b in batch])}
     return f
