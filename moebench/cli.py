@@ -425,10 +425,13 @@ def bench_roe(
     batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma-separated batch sizes."),
     new_tokens: int = typer.Option(4, "--new-tokens", min=1, help="Tokens generated per prompt (fixed)."),
     repeats: int = typer.Option(3, min=1, help="Timed rounds per mode (median)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
     runs: Path = RUNS,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Time per sample of an RoE run skipping for real vs the same model running every layer."""
+    import torch
+
     from moebench.roe.bench import bench_roe as run_bench
     from moebench.runs import latest_run, open_run
 
@@ -437,7 +440,10 @@ def bench_roe(
     except ValueError:
         raise UserError(f"--batch-sizes {batch_sizes!r}: give integers, e.g. 1,8") from None
     run = open_run(model) if model else latest_run(runs)
-    r = run_bench(run, task=task, limit=limit, batch_sizes=sizes, max_new_tokens=new_tokens, repeats=repeats)
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"--device {device!r}: give cpu, or cuda on a machine with a GPU")
+    r = run_bench(run, task=task, limit=limit, batch_sizes=sizes, max_new_tokens=new_tokens, repeats=repeats,
+                  device=device)
     if as_json:
         print(json.dumps(r, indent=1))
         return

@@ -148,8 +148,9 @@ class MoEConfig:
     capacity_factor: float | None = None  # training; None = dropless
     eval_capacity_factor: float | None = None  # evaluation; None = dropless
     shared_expert: Literal["none", "plain", "gated"] = "none"
-    # expert kernel from transformers.integrations.moe; None = grouped_mm where torch has it
-    implementation: Literal["grouped_mm", "batched_mm", "eager"] | None = None
+    # expert kernel: segment_mm (moebench.moe.kernels: fused per-expert segments on CPU, grouped_mm on
+    # CUDA) or one of transformers.integrations.moe's; None = segment_mm where torch has a grouped matmul
+    implementation: Literal["segment_mm", "grouped_mm", "batched_mm", "eager"] | None = None
 
 
 @dataclass

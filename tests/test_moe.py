@@ -89,11 +89,11 @@ def test_layer_placements():
 # ----------------------------------------------------------------------------- the layer vs a naive reference
 
 
-def _random_block(kind: str, *, top_k=2, capacity=None, shared=None, impl="grouped_mm", seed=0):
+def _random_block(kind: str, *, top_k=2, capacity=None, shared=None, impl="segment_mm", seed=0, act=None):
     torch.manual_seed(seed)
     d, f, e = 16, 24, 4
-    cls, act = (GatedExperts, "silu") if kind == "gated" else (PlainExperts, "gelu_new")
-    experts = cls(ExpertsConfig(impl), e, d, f, act)
+    cls, default_act = (GatedExperts, "silu") if kind == "gated" else (PlainExperts, "gelu_new")
+    experts = cls(ExpertsConfig(impl), e, d, f, act or default_act)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.3)
     shared_mlp = None
@@ -139,7 +139,7 @@ def _naive(block: MoEBlock, x: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 
 
 @pytest.mark.parametrize("kind", ["gated", "plain"])
-@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("impl", ["segment_mm", "grouped_mm", "eager"])
 @pytest.mark.parametrize("capacity,shared", [(None, None), (0.6, None), (None, "plain"), (0.6, "gated")])
 def test_layer_matches_naive_reference(kind, impl, capacity, shared):
     """Outputs and input gradients equal a per-token loop (atol 1e-5), with dropping and shared experts."""
@@ -159,6 +159,35 @@ def test_layer_matches_naive_reference(kind, impl, capacity, shared):
     assert torch.allclose(x1.grad.reshape(-1, 16), x2.grad, atol=1e-5)
     if capacity is not None:
         assert block.statistics()["dropped"] > 0  # the example really drops tokens
+
+
+@pytest.mark.parametrize("act,rows", [("silu", 2048), ("silu", 3), ("gelu", 4)])
+def test_segment_mm_gradients_match_the_naive_loop(monkeypatch, act, rows):
+    """The fused CPU kernel's output and its input, routing-weight and expert-weight gradients equal the
+    eager loop's, with row blocks smaller than a segment (rows=3, 4), an activation other than SiLU, a
+    zero routing weight (a dropped pair) and an expert that gets no token."""
+    from moebench.moe import kernels
+    from moebench.moe.layer import _eager_experts
+
+    monkeypatch.setattr(kernels, "ROWS", rows)
+    experts = _random_block("gated", act=act).experts
+    gen = torch.Generator().manual_seed(2)
+    n = 23
+    x = torch.randn(n, 16, generator=gen)
+    index = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(n)])  # expert 3 never chosen
+    weight = torch.rand(n, 2, generator=gen)
+    weight[5, 1] = 0.0
+    g = torch.randn(n, 16, generator=gen)
+    results = []
+    for fn in (kernels.segment_mm_experts_forward, _eager_experts):
+        experts.zero_grad()
+        xi, wi = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = fn(experts, xi, index, wi)
+        (out * g).sum().backward()
+        results.append([out.detach(), xi.grad, wi.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.equal(results[0][3][3], torch.zeros(48, 16))  # the unused expert's gradient is zero
 
 
 def test_eval_routing_is_deterministic():

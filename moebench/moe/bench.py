@@ -45,8 +45,9 @@ def bench_moe_layer(*, experts: int = 4, top_k: int = 2, hidden: int = 512, ffn:
     contenders = {"dense_ffn_equal_flops": DenseSwiGLU(hidden, top_k * ffn)}
     # transformers' "batched_mm" kernel is left out: it gathers one weight matrix per token-expert pair
     # (8192 x 2816 x 512 floats = 47 GB at the default sizes)
-    impls = ["grouped_mm", "eager"] if default_implementation() == "grouped_mm" else ["eager"]
-    names = {"grouped_mm": "moe_grouped_mm (moebench default, transformers kernel)",
+    impls = ["segment_mm", "grouped_mm", "eager"] if default_implementation() == "segment_mm" else ["eager"]
+    names = {"segment_mm": "moe_segment_mm (moebench default)",
+             "grouped_mm": "moe_grouped_mm (transformers kernel)",
              "eager": "moe_naive_expert_loop (Mixtral eager)"}
     for impl in impls:
         contenders[names[impl]] = _moe(hidden, ffn, experts, top_k, impl)

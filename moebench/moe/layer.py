@@ -4,10 +4,12 @@
     p = softmax(z)                top-k of p, the k weights renormalised to sum to 1
     y = sum_j w_j * expert_{e_j}(x)  [+ shared(x), optionally scaled by sigmoid(g . x)]
 
-Experts are stored as stacked weights (E, ...) and dispatched by transformers' experts kernels
-(`transformers.integrations.moe`): "grouped_mm" sorts the token-expert pairs by expert and runs one
-grouped matmul per projection; "eager" is the naive per-expert loop of transformers' Mixtral block,
-kept as the reference and as the benchmark baseline. No Python loop over tokens on the default path.
+Experts are stored as stacked weights (E, ...) and dispatched through transformers' experts interface
+(`transformers.integrations.moe`). The default, "segment_mm" (moebench.moe.kernels), sorts the
+token-expert pairs by expert and runs each expert's contiguous segment through grouped matmuls on CUDA
+and a fused SwiGLU on CPU; "grouped_mm" is transformers' grouped kernel on both; "eager" is the naive
+per-expert loop of transformers' Mixtral block, kept as the reference and as the benchmark baseline.
+No Python loop over tokens on the default path.
 
 Routing never samples: top-k is taken on the probabilities at training and at evaluation alike.
 Padding tokens (the `token_mask` set by the VLM before each forward) are not routed: they get weight
@@ -24,18 +26,20 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
+import moebench.moe.kernels  # noqa: F401  (registers the "segment_mm" experts implementation)
+
 
 @dataclass
 class ExpertsConfig:
     """What transformers' experts dispatcher reads: which kernel to use."""
 
-    _experts_implementation: str = "grouped_mm"
+    _experts_implementation: str = "segment_mm"
 
 
 def default_implementation() -> str:
-    """grouped_mm where torch has a grouped matmul (torch >= 2.9 on CPU and CUDA), else the eager loop."""
+    """segment_mm where torch has a grouped matmul (torch >= 2.9 on CPU and CUDA), else the eager loop."""
     has = hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
-    return "grouped_mm" if has else "eager"
+    return "segment_mm" if has else "eager"
 
 
 def _eager_experts(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

@@ -16,7 +16,7 @@ import torch
 
 
 def bench_roe(run, *, task: str = "gqa", limit: int = 64, batch_sizes=(1, 8), max_new_tokens: int = 4,
-              repeats: int = 3, progress: bool = False) -> dict:
+              repeats: int = 3, device: str = "cpu", progress: bool = False) -> dict:
     from moebench.data.conversations import Encoder
     from moebench.data.images import load_image, preprocess
     from moebench.data.sources import resolve
@@ -24,7 +24,8 @@ def bench_roe(run, *, task: str = "gqa", limit: int = 64, batch_sizes=(1, 8), ma
     from moebench.eval.generate import greedy_generate
     from moebench.eval.tasks import load_samples, load_task
 
-    model, tokenizer = run.load_model()
+    dev = torch.device(device)
+    model, tokenizer = run.load_model(dev)
     roe = getattr(model, "roe", None)
     if roe is None:
         raise UserError(f"{run.dir} is not an RoE run; train one with recipes/shapes_roe.yaml")
@@ -41,17 +42,19 @@ def bench_roe(run, *, task: str = "gqa", limit: int = 64, batch_sizes=(1, 8), ma
     kw = dict(max_new_tokens=max_new_tokens, eos_id=-1, pad_id=tokenizer.pad_token_id)  # fixed length
 
     with torch.no_grad():
-        feats = torch.cat([model.image_features(pixels[i: i + 8]) for i in range(0, len(pixels), 8)])
+        feats = torch.cat([model.image_features(pixels[i: i + 8].to(dev)) for i in range(0, len(pixels), 8)])
 
     def timed(mode: str, bs: int) -> float:
         roe.ctx.mode = mode
         t = time.perf_counter()
         for i in range(0, len(prompts), bs):
             greedy_generate(model, prompts[i: i + bs], None, image_features=feats[i: i + bs], **kw)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         return (time.perf_counter() - t) / len(prompts)
 
     out = {"run": run.name, "task": task, "samples": len(prompts), "new_tokens": max_new_tokens,
-           "threads": torch.get_num_threads(), "by_batch_size": {}}
+           "threads": torch.get_num_threads(), "device": str(dev), "by_batch_size": {}}
     for layer in layers:
         layer.seen = layer.skipped = 0
     timed("hard", 8)  # warm-up, and the decisions for the skip ratio
