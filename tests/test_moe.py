@@ -8,8 +8,20 @@ import math
 import pytest
 import torch
 
-from moebench.config import LLMConfig, ModelConfig, MoEConfig, TokenizerConfig, VisionConfig
-from moebench.moe.layer import ExpertsConfig, GatedExperts, MoEBlock, PlainExperts, route
+from moebench.config import (
+    LLMConfig,
+    ModelConfig,
+    MoEConfig,
+    TokenizerConfig,
+    VisionConfig,
+)
+from moebench.moe.layer import (
+    ExpertsConfig,
+    GatedExperts,
+    MoEBlock,
+    PlainExperts,
+    route,
+)
 from moebench.moe.upcycle import moe_blocks, upcycle
 
 FAMILIES = ["qwen2", "llama", "stablelm", "phi"]

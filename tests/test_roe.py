@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from moebench.config import LLMConfig, ModelConfig, RoEConfig, TokenizerConfig, VisionConfig
+from moebench.config import (
+    LLMConfig,
+    ModelConfig,
+    RoEConfig,
+    TokenizerConfig,
+    VisionConfig,
+)
 from moebench.roe.model import RoELayer, add_roe, regularised_loss
 
 
@@ -135,11 +141,24 @@ def test_decoding_after_the_routing_tokens_are_cropped_equals_the_dense_parent(t
     add_roe(model, RoEConfig())
     _force(monkeypatch, lambda layer, rt: torch.ones(rt.shape[0], dtype=torch.bool))
     model.roe.ctx.mode = "hard"
+    import transformers
+
+    caches = []
+
+    class Recorded(transformers.DynamicCache):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            caches.append(self)
+
+    monkeypatch.setattr(transformers, "DynamicCache", Recorded)
     routed = greedy_generate(model, prompts, pixels, **kw).tokens
     with torch.no_grad():
         feats = model.image_features(pixels)
     from_features = greedy_generate(model, prompts, None, image_features=feats, **kw).tokens
     assert routed == dense and from_features == dense
-    t = len(max(prompts, key=len))  # prompt length; then 5 fed-back tokens, and no routing tokens
-    assert [layer.cache.get_seq_length(i) for i, layer in zip(model.roe.layer_ids, model.roe.layers(model.llm))] \
-        == [t + 5] * len(model.roe.layer_ids)
+    # every example ran every layer: the routable layers wrote to the model's own cache, and the routing
+    # tokens are gone from it (prompt length, then 5 fed-back tokens)
+    t = len(max(prompts, key=len))
+    n_layers = model.llm.config.num_hidden_layers
+    assert [caches[-1].get_seq_length(i) for i in range(n_layers)] == [t + 5] * n_layers
+    assert all(layer.cache is None for layer in model.roe.layers(model.llm))

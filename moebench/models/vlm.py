@@ -85,6 +85,8 @@ class VLM(nn.Module):
             m.token_mask = attention_mask
         roe = getattr(self, "roe", None)
         has_image = pixel_values is not None or image_features is not None
+        if roe is not None and not has_image and (past_key_values is None or past_key_values.get_seq_length() == 0):
+            roe.run_every_layer(self.llm)  # a text-only prompt; decoding steps keep their prefill's decisions
         if roe is not None and has_image and roe.ctx.mode != "dense":
             return _forward_routed(self, embeds, attention_mask, position_ids, input_ids, labels,
                                    past_key_values, use_cache, logits_to_keep)

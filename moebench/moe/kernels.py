@@ -24,7 +24,10 @@ import math
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.integrations.moe import (
+    ALL_EXPERTS_FUNCTIONS,
+    grouped_mm_experts_forward,
+)
 
 ROWS = 2048  # the largest row block of the CPU path; near the best matmul shape on 2 AVX2 cores
 

@@ -56,7 +56,10 @@ class RoELayer(nn.Module):
             self.router.bias.copy_(torch.tensor([2.0, 0.0]))
         self.ctx = ctx
         self.run_mask: torch.Tensor | None = None  # (B,) bool, decided at prefill (hard mode)
-        self.cache = None  # the sub-batch's KV cache for this layer (hard mode)
+        self.all_run = True  # ... the same on the host: every example runs the layer / none does
+        self.none_run = False
+        self.run_idx = self.skip_idx = None  # (n,) the examples that run / skip, when both kinds exist
+        self.cache = None  # the running sub-batch's own KV cache (hard mode, when only some examples run)
         self.calls = 0  # examples this layer was computed for (tests)
         self.seen = self.skipped = 0  # hard-mode prefill decisions, for the skip rate
 
@@ -107,18 +110,28 @@ class RoELayer(nn.Module):
             else:
                 self.run_mask = logits.argmax(-1) == 0  # (B,) run
                 ctx.skip_probs.append((~self.run_mask).float())
-            self.cache = type(past_key_values)() if past_key_values is not None else None
-        run = self.run_mask
-        if ctx.routing and ctx.mode == "hard":
-            self.seen += run.numel()
-            self.skipped += int((~run).sum())
-        if bool(run.all()):
-            return self._run(h, None, kwargs, self.cache)
-        if not bool(run.any()):
+            self._decide(past_key_values, count=ctx.mode == "hard")
+        if self.all_run:  # the whole batch runs: the model's own cache at this layer's index, as dense
+            return self._run(h, None, kwargs, past_key_values)
+        if self.none_run:
             return self.shortcut(h)
-        idx, rest = run.nonzero().flatten(), (~run).nonzero().flatten()
-        out = torch.empty_like(h).index_copy(0, rest, self.shortcut(h[rest]))
-        return out.index_copy(0, idx, self._run(h, idx, kwargs, self.cache))
+        out = torch.empty_like(h).index_copy(0, self.skip_idx, self.shortcut(h[self.skip_idx]))
+        return out.index_copy(0, self.run_idx, self._run(h, self.run_idx, kwargs, self.cache))
+
+    def _decide(self, past_key_values, count: bool) -> None:
+        """Fix this prefill's decisions for the whole generation, on the host, once: which examples run
+        (their indices). A sub-batch gets a KV cache of its own; when the whole batch runs, the layer
+        uses the model's cache at its index, as the dense layer does."""
+        run = self.run_mask.tolist()
+        n_run = sum(run)
+        self.all_run, self.none_run = n_run == len(run), n_run == 0
+        self.run_idx = self.run_mask.nonzero().flatten() if not (self.all_run or self.none_run) else None
+        self.skip_idx = (~self.run_mask).nonzero().flatten() if self.run_idx is not None else None
+        mixed = self.run_idx is not None
+        self.cache = type(past_key_values)() if (mixed and past_key_values is not None) else None
+        if count:
+            self.seen += len(run)
+            self.skipped += len(run) - n_run
 
 
 def routable_layers(cfg: RoEConfig, num_layers: int) -> list[int]:
@@ -138,13 +151,17 @@ class RoE(nn.Module):
     def layers(self, llm) -> list[RoELayer]:
         return [llm.model.layers[i] for i in self.layer_ids]
 
+    def run_every_layer(self, llm) -> None:
+        """A prompt without an image has no routing tokens: every layer runs, on the model's cache."""
+        for layer in self.layers(llm):
+            layer.all_run, layer.none_run, layer.run_idx, layer.skip_idx, layer.cache = True, False, None, None, None
+
     def drop_routing_tokens(self, llm, cache) -> None:
         """After a prefill: remove the two routing tokens (the last two positions) from every KV cache.
         No normal token attends to them, so decoding gives the same result without them."""
         if self.ctx.routing_in_cache:
-            for c in [cache] + [layer.cache for layer in self.layers(llm)]:
-                if c is not None:
-                    c.crop(-2)
+            for c in [cache] + [layer.cache for layer in self.layers(llm) if layer.cache is not None]:
+                c.crop(-2)
             self.ctx.routing_in_cache = False
 
 
