@@ -29,6 +29,7 @@ from transformers.integrations.moe import (
     grouped_mm_experts_forward,
 )
 
+_SILU = (nn.SiLU, SiLUActivation)  # activations with aten out= and backward kernels
 ROWS = 2048  # the largest row block of the CPU path; near the best matmul shape on 2 AVX2 cores
 
 
@@ -44,7 +45,7 @@ def _blocks(start: int, count: int):
 
 def _act(act: nn.Module, gate: torch.Tensor, out: torch.Tensor) -> None:
     """out = act(gate); SiLU straight into `out` (its out= kernel is the fast one on a strided gate)."""
-    if isinstance(act, (nn.SiLU, SiLUActivation)):
+    if isinstance(act, _SILU):
         torch.ops.aten.silu.out(gate, out=out)
     else:
         out.copy_(act(gate))
@@ -52,7 +53,7 @@ def _act(act: nn.Module, gate: torch.Tensor, out: torch.Tensor) -> None:
 
 def _act_backward(act: nn.Module, gate: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> None:
     """out = grad * act'(gate); SiLU by its aten kernel, any other activation by autograd."""
-    if isinstance(act, (nn.SiLU, SiLUActivation)):
+    if isinstance(act, _SILU):
         torch.ops.aten.silu_backward(grad, gate, grad_input=out)
         return
     with torch.enable_grad():

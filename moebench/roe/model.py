@@ -55,13 +55,16 @@ class RoELayer(nn.Module):
         with torch.no_grad():  # start by running every layer (softly): a bias towards "run"
             self.router.bias.copy_(torch.tensor([2.0, 0.0]))
         self.ctx = ctx
-        self.run_mask: torch.Tensor | None = None  # (B,) bool, decided at prefill (hard mode)
-        self.all_run = True  # ... the same on the host: every example runs the layer / none does
+        self.run_all()
+        self.calls = 0  # examples this layer was computed for (tests)
+        self.seen = self.skipped = 0  # hard-mode prefill decisions, for the skip rate
+
+    def run_all(self) -> None:
+        """Every example runs this layer, on the model's KV cache (the state until a prefill decides)."""
+        self.all_run = True  # decided at prefill, on the host: every example runs the layer / none does
         self.none_run = False
         self.run_idx = self.skip_idx = None  # (n,) the examples that run / skip, when both kinds exist
         self.cache = None  # the running sub-batch's own KV cache (hard mode, when only some examples run)
-        self.calls = 0  # examples this layer was computed for (tests)
-        self.seen = self.skipped = 0  # hard-mode prefill decisions, for the skip rate
 
     @property
     def mlp(self) -> nn.Module:
@@ -105,12 +108,12 @@ class RoELayer(nn.Module):
                 return w[:, :1, None] * out + w[:, 1:, None] * self.shortcut(h)
             if ctx.mode == "random":  # warm-up: hard skips at the target rate, adapters learn
                 skip = shard_rand(h.shape[0], ctx.generator) < ctx.target  # as one process draws them
-                self.run_mask = ~skip.to(h.device)
+                run = ~skip.to(h.device)
                 ctx.skip_probs.append(skip.float().to(h.device))
             else:
-                self.run_mask = logits.argmax(-1) == 0  # (B,) run
-                ctx.skip_probs.append((~self.run_mask).float())
-            self._decide(past_key_values, count=ctx.mode == "hard")
+                run = logits.argmax(-1) == 0  # (B,) run
+                ctx.skip_probs.append((~run).float())
+            self._decide(run, past_key_values, count=ctx.mode == "hard")
         if self.all_run:  # the whole batch runs: the model's own cache at this layer's index, as dense
             return self._run(h, None, kwargs, past_key_values)
         if self.none_run:
@@ -118,16 +121,16 @@ class RoELayer(nn.Module):
         out = torch.empty_like(h).index_copy(0, self.skip_idx, self.shortcut(h[self.skip_idx]))
         return out.index_copy(0, self.run_idx, self._run(h, self.run_idx, kwargs, self.cache))
 
-    def _decide(self, past_key_values, count: bool) -> None:
+    def _decide(self, run_mask: torch.Tensor, past_key_values, count: bool) -> None:
         """Fix this prefill's decisions for the whole generation, on the host, once: which examples run
         (their indices). A sub-batch gets a KV cache of its own; when the whole batch runs, the layer
         uses the model's cache at its index, as the dense layer does."""
-        run = self.run_mask.tolist()
+        run = run_mask.tolist()
         n_run = sum(run)
         self.all_run, self.none_run = n_run == len(run), n_run == 0
-        self.run_idx = self.run_mask.nonzero().flatten() if not (self.all_run or self.none_run) else None
-        self.skip_idx = (~self.run_mask).nonzero().flatten() if self.run_idx is not None else None
-        mixed = self.run_idx is not None
+        mixed = not (self.all_run or self.none_run)
+        self.run_idx = run_mask.nonzero().flatten() if mixed else None
+        self.skip_idx = (~run_mask).nonzero().flatten() if mixed else None
         self.cache = type(past_key_values)() if (mixed and past_key_values is not None) else None
         if count:
             self.seen += len(run)
@@ -154,7 +157,7 @@ class RoE(nn.Module):
     def run_every_layer(self, llm) -> None:
         """A prompt without an image has no routing tokens: every layer runs, on the model's cache."""
         for layer in self.layers(llm):
-            layer.all_run, layer.none_run, layer.run_idx, layer.skip_idx, layer.cache = True, False, None, None, None
+            layer.run_all()
 
     def drop_routing_tokens(self, llm, cache) -> None:
         """After a prefill: remove the two routing tokens (the last two positions) from every KV cache.
