@@ -115,6 +115,7 @@ class StageConfig:
     # clip stages: COCO instances JSON under the data root; each vision patch also learns the category of
     # the object whose box centre lies in it (moebench/train/clip.py)
     grounding: str = ""
+    grounding_weight: float = 1.0  # the grounding term's weight in the clip stage's loss
     template: Literal["chat", "plain"] = "chat"  # "plain" = image then caption (LLaVA stage I)
     upcycle: bool = False  # MoE-Tuning stage III: turn the FFNs named in `moe:` into experts first
     add_roe: bool = False  # RoE: wrap the routable layers named in `roe:` (adapters, routers) first
@@ -510,6 +511,8 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"{where}: a clip stage trains the vision tower only; set train: [vision]")
         if s.grounding and s.kind != "clip":
             raise UserError(f"{where}.grounding is for kind: clip stages only; remove it or set kind: clip")
+        if s.grounding_weight <= 0:
+            raise UserError(f"{where}.grounding_weight={s.grounding_weight} must be > 0")
         if not s.train:
             raise UserError(f"{where}.train is empty; name the modules that learn ({list(TRAINABLE_MODULES)})")
         for key in ("batch_size", "grad_accum", "max_len"):
@@ -686,6 +689,8 @@ def stage_key(recipe: Recipe, index: int, data_hash: str) -> str:
             d.pop(k)
         if not d["grounding"]:  # added later: recipes without it keep their earlier keys (and checkpoints)
             del d["grounding"]
+        if d["grounding_weight"] == 1.0:  # likewise
+            del d["grounding_weight"]
         stages.append(d)
     part = {
         "model": to_dict(recipe.model),

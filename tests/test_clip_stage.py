@@ -70,6 +70,10 @@ def test_grounding_loss_is_patch_cross_entropy():
         expected = torch.nn.functional.cross_entropy(m.patch_head(patches).reshape(-1, 4), labels.reshape(-1))
     assert logs["ground_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert loss.item() == pytest.approx(base.item() + expected.item(), rel=1e-6)
+    m.grounding_weight = 5.0  # the recipe's stages.<clip>.grounding_weight scales the term
+    with torch.no_grad():
+        weighted, _ = m(pixels, caps, (caps != 0).long(), labels)
+    assert weighted.item() == pytest.approx(base.item() + 5 * expected.item(), rel=1e-6)
 
 
 def test_missing_grounding_file_is_a_user_error(tmp_path):

@@ -27,6 +27,7 @@ def test_overrides_by_stage_name_and_index():
     ("stages.nosuch.lr=1", "no item 'nosuch' in stages"),
     ("model.llm.heads=3", "must be divisible by heads=3"),
     ("stages.finetune.grounding=annotations/instances_train2014.json", "grounding is for kind: clip stages only"),
+    ("stages.clip.grounding_weight=0", "grounding_weight=0.0 must be > 0"),
 ])
 def test_errors_name_key_value_and_allowed(override, message):
     with pytest.raises(UserError) as e:

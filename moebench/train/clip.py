@@ -19,9 +19,11 @@ Measured on the 64 px grid world after 846 steps: a linear probe reads each patc
 shape probe stayed at its base rate.
 With a `grounding` COCO file (the embedded world has one), a fourth term grounds the captions' objects
 in the patches, as region-text pre-training does (RegionCLIP, Zhong et al. 2022; GLIP): each patch
-token is classified into the category of the object whose box centre lies in it, or "none". Measured
-on the 64 px world without it: a linear probe read each shape's presence from the tower's max-pooled
-feature at 81% (base rate 63%), and the LLM then answered POPE at chance.
+token is classified into the category of the object whose box centre lies in it, or "none", weighted
+by the stage's `grounding_weight`. Measured on the 64 px world (linear probe on the patch tokens the LLM
+reads, fitted on 2,000 training images, scored on 400 held-out ones; object patches only): 74.8%
+without grounding, 85.6% at weight 1, 99.0% at weight 5 (564 steps each); a small MLP on the raw
+pixels of each patch reaches 96.9%, so the labels are aligned with the patches.
 The LLM later reads the patch tokens of `vision.feature_layer`; use -1 so it sees the layer trained here.
 
 Under data parallelism the contrastive loss is over the whole global batch: every rank gathers all
@@ -43,13 +45,15 @@ from moebench.errors import MissingFile, UserError
 
 class ClipPretrainer(nn.Module):
     def __init__(self, vision_tower: nn.Module, vocab_size: int, pad_id: int, eos_id: int, proj_dim: int = 128,
-                 pool: str = "max", bow_weight: float = 1.0, gray_p: float = 1.0, num_categories: int = 0):
+                 pool: str = "max", bow_weight: float = 1.0, gray_p: float = 1.0, num_categories: int = 0,
+                 grounding_weight: float = 1.0):
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         super().__init__()
         v = vision_tower.config
         self.vision_tower = vision_tower
         self.pool, self.bow_weight, self.gray_p, self.pad_id, self.eos_id = pool, bow_weight, gray_p, pad_id, eos_id
+        self.grounding_weight = grounding_weight
         self.visual_projection = nn.Linear(v.hidden_size, proj_dim, bias=False)
         self.bow_head = nn.Linear(v.hidden_size, vocab_size)
         # grounding: per patch, the category of the object centred in it (0 = none)
@@ -100,7 +104,7 @@ class ClipPretrainer(nn.Module):
             logits = self.patch_head(patches)  # (B, P, C + 1)
             ground = nn.functional.cross_entropy(logits.flatten(0, 1), patch_labels.flatten())
             ground = global_mean(ground, caption_ids.shape[0])  # all images have P patches
-            loss = loss + ground
+            loss = loss + self.grounding_weight * ground
             logs["ground_loss"] = ground.detach()
         return loss, logs
 

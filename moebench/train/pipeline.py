@@ -194,7 +194,8 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
                 dataset = GroundedCaptions(dataset, src.root / stage.grounding, v.image_size, v.patch_size)
                 batch_fn = grounded_collate(batch_fn)
             plain = ClipPretrainer(model.vision_tower, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                   num_categories=getattr(dataset, "num_categories", 0)).to(device)
+                                   num_categories=getattr(dataset, "num_categories", 0),
+                                   grounding_weight=stage.grounding_weight).to(device)
             select, loss_fn = functools.partial(_all_params, lr=stage.lr), clip_loss_fn
         else:
             if stage.upcycle:
