@@ -380,11 +380,14 @@ def bench_moe_layer(
     c = r["config"]
     t = Table(title=f"MoE layer fwd+bwd: E={c['experts']} k={c['top_k']} d={c['hidden']} f={c['ffn']} "
                     f"{c['tokens']} tokens, {c['dtype']} {c['device']} ({c['threads']} threads)")
-    for col in ("contender", "ms (median)", "x dense"):
+    for col in ("contender", "ms (median)", "x dense", "x loop (paired)", "rounds faster than loop"):
         t.add_column(col, justify="left" if col == "contender" else "right")
     for name, sec in r["seconds"].items():
-        t.add_row(name, f"{1000 * sec:.1f}", f"{r['ratio_to_dense'][name]:.2f}")
+        vs = r["ratio_to_loop_paired"]
+        t.add_row(name, f"{1000 * sec:.1f}", f"{r['ratio_to_dense'][name]:.2f}",
+                  f"{vs[name]:.3f}" if name in vs else "1", f"{r['rounds_faster_than_loop'][name]:.0%}" if name in vs else "")
     out.print(t)
+    out.print("x loop (paired): the median over rounds of each contender's time over the naive loop's in the same round")
 
 
 @bench_app.command("stgc")

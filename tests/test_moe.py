@@ -292,3 +292,18 @@ def test_upcycled_trained_model_equals_its_parent_on_a_shapes_batch(tiny_run, to
         sparse = model(ids, mask, pixels).logits
     real = mask.bool()  # padding is not routed (its FFN output is 0); only real tokens are compared
     assert torch.allclose(dense[real], sparse[real], atol=1e-5)
+
+
+def test_bench_moe_layer_reports_ratios_taken_side_by_side():
+    """`bench moe-layer` on tiny sizes: every contender has a time, the dense FFN is its own unit, and the
+    paired comparison against the naive loop is a median of per-round ratios with a win share."""
+    from moebench.moe.bench import bench_moe_layer
+
+    r = bench_moe_layer(experts=4, top_k=2, hidden=16, ffn=24, tokens=64, repeats=3)
+    loop = "moe_naive_expert_loop (Mixtral eager)"
+    assert set(r["seconds"]) >= {"dense_ffn_equal_flops", loop}
+    assert r["ratio_to_dense"]["dense_ffn_equal_flops"] == 1.0
+    assert loop not in r["ratio_to_loop_paired"]
+    assert set(r["ratio_to_loop_paired"]) == set(r["seconds"]) - {loop}
+    assert all(v > 0 for v in r["ratio_to_loop_paired"].values())
+    assert all(v in (0, 1 / 3, 2 / 3, 1) for v in r["rounds_faster_than_loop"].values())

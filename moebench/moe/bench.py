@@ -72,12 +72,17 @@ def bench_moe_layer(*, experts: int = 4, top_k: int = 2, hidden: int = 512, ffn:
             times[n].append(time.perf_counter() - t)
     med = {n: statistics.median(v) for n, v in times.items()}
     base = med["dense_ffn_equal_flops"]
+    loop = names["eager"]
+    # paired: each contender against the naive loop of the same round (drift between rounds cancels)
+    paired = {n: [a / b for a, b in zip(v, times[loop])] for n, v in times.items() if n != loop}
     return {
         "config": {"experts": experts, "top_k": top_k, "hidden": hidden, "ffn": ffn, "tokens": tokens,
                    "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "repeats": repeats,
                    "torch": torch.__version__},
         "seconds": med,
         "ratio_to_dense": {n: v / base for n, v in med.items()},
+        "ratio_to_loop_paired": {n: statistics.median(r) for n, r in paired.items()},
+        "rounds_faster_than_loop": {n: sum(x < 1 for x in r) / len(r) for n, r in paired.items()},
     }
 
 
