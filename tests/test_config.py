@@ -40,6 +40,16 @@ def test_override_must_be_key_value():
         apply_override({}, "seed")
 
 
+def test_grounding_weight_enters_the_stage_key_only_when_set():
+    base = load_recipe(RECIPE, [])
+    same = load_recipe(RECIPE, ["stages.clip.grounding_weight=1.0"])
+    heavier = load_recipe(RECIPE, ["stages.clip.grounding=annotations/instances_train2014.json",
+                                   "stages.clip.grounding_weight=5"])
+    grounded = load_recipe(RECIPE, ["stages.clip.grounding=annotations/instances_train2014.json"])
+    assert stage_key(base, 0, "h") == stage_key(same, 0, "h")  # earlier checkpoints keep their keys
+    assert stage_key(heavier, 0, "h") != stage_key(grounded, 0, "h") != stage_key(base, 0, "h")
+
+
 def test_stage_keys_shared_prefix():
     a = load_recipe(RECIPE)
     b = load_recipe(RECIPE, ["stages.finetune.lr=1e-4", "eval.batch_size=1", "stages.finetune.save_every=7"])
