@@ -182,6 +182,21 @@ def write_table(rows: Sequence[dict], schema: pa.Schema, path: str | os.PathLike
     return path
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` whole or not at all: a temp file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder (a folder's fsync makes a rename in it durable on POSIX); best effort:
     folders cannot be opened this way on Windows."""

@@ -26,9 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import random
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -121,16 +119,9 @@ def build_pope(coco, num_images: int = 500, num_pos: int = 3, seed: int = 0) -> 
 
 def write_pope_jsonl(records: list[dict], path) -> None:
     """Write records as JSON lines, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from moebench.results import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_pope_jsonl(path) -> list[dict]:

@@ -33,14 +33,13 @@ so the negatives and the loss are those of one process with the same batch.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from moebench.errors import MissingFile, UserError
+from moebench.errors import MissingFile
 
 
 class ClipPretrainer(nn.Module):
@@ -127,23 +126,18 @@ class GroundedCaptions:
     `data.images.preprocess`)."""
 
     def __init__(self, dataset, coco_file: Path, image_size: int, patch_size: int):
+        from moebench.data.pope import load_coco
+
         if not Path(coco_file).is_file():
             raise MissingFile(coco_file, "COCO instances file for stage grounding",
                               "point the clip stage's `grounding` at the world's annotations/instances_*.json")
-        try:
-            coco = json.loads(Path(coco_file).read_text())
-            categories = {c["id"]: i + 1 for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
-            images = {im["id"]: im for im in coco["images"]}
-            boxes: dict[str, list] = {}
-            for a in coco["annotations"]:
-                boxes.setdefault(images[a["image_id"]]["file_name"], []).append(a)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{coco_file}: not a COCO instances file ({e!r})") from None
+        coco = load_coco(coco_file)
+        categories = {cid: i + 1 for i, cid in enumerate(sorted(coco.cats))}
         self.dataset, self.num_categories = dataset, len(categories)
         grid = image_size // patch_size
         self.labels = {}
-        for name, anns in boxes.items():
-            im = images[anns[0]["image_id"]]
+        for image_id, anns in coco.imgToAnns.items():  # images with at least one object
+            im = coco.imgs[image_id]
             side = max(im["width"], im["height"])
             dx, dy, scale = (side - im["width"]) // 2, (side - im["height"]) // 2, image_size / side
             label = torch.zeros(grid * grid, dtype=torch.long)
@@ -152,7 +146,7 @@ class GroundedCaptions:
                 col = min(grid - 1, int((x + w / 2 + dx) * scale // patch_size))
                 row = min(grid - 1, int((y + h / 2 + dy) * scale // patch_size))
                 label[row * grid + col] = categories[a["category_id"]]
-            self.labels[name] = label
+            self.labels[im["file_name"]] = label
         self.empty = torch.zeros(grid * grid, dtype=torch.long)
 
     def __len__(self) -> int:

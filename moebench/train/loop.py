@@ -32,6 +32,7 @@ from moebench.config import StageConfig
 from moebench.errors import UserError
 from moebench.faults import fault_point
 from moebench.models.checkpoint import atomic_dir, load_weights
+from moebench.results import write_text_atomic
 
 STATE_FILE = "state.pt"
 WEIGHTS_FILE = "weights.safetensors"
@@ -298,10 +299,7 @@ def _non_finite(stage: StageConfig, step: int, total: int, loss: float, logs: di
         terms = {k: float(v) for k, v in logs.items() if k in ("lm_loss", "aux_loss")}  # last micro-batch
         info = {"stage": stage.name, "step": step, "loss": str(loss), "terms": terms, "checkpoint_step": saved,
                 "rows_since_checkpoint": pending}
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f".{record.name}.tmp")
-        tmp.write_text(json.dumps(info, indent=1, default=str))
-        tmp.replace(record)
+        write_text_atomic(record, json.dumps(info, indent=1, default=str))
     kept = (f"the last good checkpoint (step {saved}) is kept in {partial}" if saved is not None else
             f"no checkpoint was written before it (stages.{stage.name}.save_every={stage.save_every})")
     return NonFiniteLoss(f"stage {stage.name}: the loss is {loss} at step {step} of {total}; stopped before that "

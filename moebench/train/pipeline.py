@@ -240,10 +240,8 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
             stgc.close()
         if w.main:
             # stage.json whole or absent, and before the model, whose presence marks the stage done
-            dirs[i].mkdir(parents=True, exist_ok=True)
-            tmp = dirs[i] / ".stage.json.tmp"
-            tmp.write_text(json.dumps({"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
-            os.replace(tmp, dirs[i] / "stage.json")
+            results.write_text_atomic(dirs[i] / "stage.json", json.dumps(
+                {"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
             save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss},
                      moe=recipe.moe if _upcycled(recipe, i) else None, roe=recipe.roe if _roe_added(recipe, i) else None)
             shutil.rmtree(dirs[i] / "partial", ignore_errors=True)
