@@ -202,6 +202,40 @@ def test_segment_mm_gradients_match_the_naive_loop(monkeypatch, act, rows):
     assert torch.equal(results[0][3][3], torch.zeros(48, 16))  # the unused expert's gradient is zero
 
 
+def test_segment_mm_buffer_reuse_keeps_saved_tensors_intact():
+    """The pooled buffers: two forwards before either backward (two MoE layers), and no-grad forwards
+    in between (which hand their buffers straight back), give the eager loop's gradients; a second
+    backward through one forward is refused instead of reading reused buffers."""
+    from moebench.moe import kernels
+    from moebench.moe.layer import _eager_experts
+
+    experts = _random_block("gated").experts
+    gen = torch.Generator().manual_seed(3)
+    n = 30
+    xs = [torch.randn(n, 16, generator=gen) for _ in range(2)]
+    index = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(n)])
+    weight = torch.rand(n, 2, generator=gen)
+    grads = []
+    for fn in (kernels.segment_mm_experts_forward, _eager_experts):
+        experts.zero_grad()
+        inputs = [x.clone().requires_grad_(True) for x in xs]
+        h = fn(experts, inputs[0], index, weight)
+        with torch.no_grad():
+            fn(experts, torch.randn(n, 16, generator=gen), index, weight)
+        out = fn(experts, h + inputs[1], index, weight)  # the second layer's buffers are taken while the first's are saved
+        with torch.no_grad():
+            fn(experts, torch.randn(n, 16, generator=gen), index, weight)
+        out.square().sum().backward()
+        grads.append([inputs[0].grad, inputs[1].grad, experts.gate_up_proj.grad.clone()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    x = xs[0].clone().requires_grad_(True)
+    out = kernels.segment_mm_experts_forward(experts, x, index, weight).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.backward()
+
+
 def test_eval_routing_is_deterministic():
     block = _random_block("gated").eval()
     x = torch.randn(1, 50, 16)

@@ -15,11 +15,19 @@ written in place (no zero-filled (E, ...) tensor per expert, no concatenation of
 gradients), and the gather and the weighted combine folded into the same autograd node. The loop is
 over experts and row blocks, never over tokens. Matmul FLOPs are those of the naive loop; what is
 saved is the memory traffic around them.
+
+The large intermediates come from a small pool of reused buffers (`_POOL`). glibc serves allocations
+this size by mmap and unmaps them on free, so a fresh (M, 2f) tensor is page-faulted and zeroed by the
+kernel again at every step: 31 ms to allocate and fill 92 MB against 4 ms to refill a reused one on
+the 2-core box, about 12% of a forward+backward at the bench-moe-layer sizes. Buffers saved for
+backward go back to the pool when backward has used them (or at the end of a forward that no backward
+will follow), as a caching allocator would.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -31,6 +39,36 @@ from transformers.integrations.moe import (
 
 _SILU = (nn.SiLU, SiLUActivation)  # activations with aten out= and backward kernels
 ROWS = 2048  # the largest row block of the CPU path; near the best matmul shape on 2 AVX2 cores
+
+
+class _BufferPool:
+    """Free flat buffers, handed out by size: the smallest free one that holds n elements and is at
+    most 4n (so a small request does not pin a large buffer), else a new one. Keeps at most `keep`."""
+
+    def __init__(self, keep: int = 32):
+        self.keep, self.free, self.lock = keep, [], threading.Lock()
+
+    def take(self, like: torch.Tensor, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        with self.lock:
+            fits = [i for i, b in enumerate(self.free)
+                    if b.dtype == like.dtype and b.device == like.device and n <= b.numel() <= 4 * max(n, 1)]
+            if fits:
+                return self.free.pop(min(fits, key=lambda i: self.free[i].numel()))[:n].view(shape)
+        return like.new_empty(n).view(shape)
+
+    def give(self, *tensors: torch.Tensor) -> None:
+        with self.lock:
+            for t in tensors:
+                self.free.append(t if t._base is None else t._base)
+            del self.free[:-self.keep]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+
+
+_POOL = _BufferPool()
 
 
 def _blocks(start: int, count: int):
@@ -66,19 +104,19 @@ class _SegmentSwiGLU(torch.autograd.Function):
     """Gather by expert, fused SwiGLU per expert segment, weighted combine: one autograd node."""
 
     @staticmethod
-    def forward(ctx, x, index, weight, gate_up, down, act):
+    def forward(ctx, x, index, weight, gate_up, down, act, backward_follows):
         n, k = index.shape
         d, f = x.shape[1], down.shape[2]
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # pairs sorted by expert, ties in token order
         tok = order // k  # the token of each sorted pair
         counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
-        xs = x.index_select(0, tok)  # (M, d)
-        m = xs.shape[0]
-        pre = xs.new_empty(m, 2 * f)  # [gate | up] pre-activations, kept for backward
-        act_gate = xs.new_empty(m, f)
-        ys = xs.new_empty(m, d)
-        h = xs.new_empty(min(ROWS, m), f)
+        m = tok.shape[0]
+        xs = torch.index_select(x, 0, tok, out=_POOL.take(x, m, d))  # (M, d)
+        pre = _POOL.take(x, m, 2 * f)  # [gate | up] pre-activations, kept for backward
+        act_gate = _POOL.take(x, m, f)
+        ys = _POOL.take(x, m, d)
+        h = _POOL.take(x, min(ROWS, m), f)
         start = 0
         for e, c in enumerate(counts):
             for a, b in _blocks(start, c):
@@ -88,21 +126,30 @@ class _SegmentSwiGLU(torch.autograd.Function):
                 torch.mm(hb, down[e].t(), out=ys[a:b])
             start += c
         w = weight.reshape(-1).index_select(0, order)  # (M,)
-        out = x.new_zeros(n, d).index_add_(0, tok, ys * w[:, None])
+        weighted = torch.mul(ys, w[:, None], out=_POOL.take(x, m, d))
+        out = x.new_zeros(n, d).index_add_(0, tok, weighted)
+        _POOL.give(h, weighted)
+        if not backward_follows:
+            _POOL.give(xs, pre, act_gate, ys)
+            return out
         ctx.save_for_backward(xs, tok, order, pre, act_gate, ys, w, gate_up, down)
-        ctx.counts, ctx.act, ctx.k = counts, act, k
+        ctx.counts, ctx.act, ctx.k, ctx.pooled = counts, act, k, True
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if not ctx.pooled:
+            raise RuntimeError("segment_mm's backward ran twice on one forward (retain_graph=True); its buffers "
+                               "were reused after the first. Use experts implementation 'eager' for that.")
         xs, tok, order, pre, act_gate, ys, w, gate_up, down = ctx.saved_tensors
+        m, d = xs.shape
         f = down.shape[2]
-        gys = grad_out.contiguous().index_select(0, tok)  # (M, d) dL/d(combined) per sorted pair
+        gys = torch.index_select(grad_out.contiguous(), 0, tok, out=_POOL.take(xs, m, d))  # dL/d(combined) per pair
         gw = torch.empty_like(w)  # dL/d(weight) per sorted pair
-        gxs = torch.empty_like(xs)
+        gxs = _POOL.take(xs, m, d)
         g_gate_up, g_down = torch.empty_like(gate_up), torch.empty_like(down)
-        rows = min(ROWS, xs.shape[0])
-        h, gpre = xs.new_empty(rows, f), xs.new_empty(rows, 2 * f)
+        rows = min(ROWS, m)
+        h, gh, gpre = _POOL.take(xs, rows, f), _POOL.take(xs, rows, f), _POOL.take(xs, rows, 2 * f)
         start = 0
         for e, c in enumerate(ctx.counts):
             if c == 0:
@@ -118,10 +165,10 @@ class _SegmentSwiGLU(torch.autograd.Function):
                     torch.mm(gy.t(), hb, out=g_down[e])
                 else:
                     g_down[e].addmm_(gy.t(), hb)
-                gh = torch.mm(gy, down[e])  # (r, f) dL/dh
+                ghb = torch.mm(gy, down[e], out=gh[:r])  # (r, f) dL/dh
                 gp = gpre[:r]
-                torch.mul(gh, ag, out=gp[:, f:])  # dL/d(up)
-                _act_backward(ctx.act, gate, gh.mul_(up), gp[:, :f])  # dL/d(gate)
+                torch.mul(ghb, ag, out=gp[:, f:])  # dL/d(up)
+                _act_backward(ctx.act, gate, ghb.mul_(up), gp[:, :f])  # dL/d(gate)
                 torch.mm(gp, gate_up[e], out=gxs[a:b])
                 if i == 0:
                     torch.mm(gp.t(), xs[a:b], out=g_gate_up[e])
@@ -130,7 +177,9 @@ class _SegmentSwiGLU(torch.autograd.Function):
             start += c
         grad_weight = torch.empty_like(gw).index_copy_(0, order, gw).view(-1, ctx.k)
         grad_x = torch.zeros_like(grad_out).index_add_(0, tok, gxs)
-        return grad_x, None, grad_weight, g_gate_up, g_down, None
+        ctx.pooled = False
+        _POOL.give(gys, gxs, h, gh, gpre, xs, pre, act_gate, ys)
+        return grad_x, None, grad_weight, g_gate_up, g_down, None, None
 
 
 def segment_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights):
@@ -140,8 +189,10 @@ def segment_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights
              and not getattr(module, "has_bias", False) and not getattr(module, "is_transposed", False))
     if not fused:
         return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+    tensors = (hidden_states, top_k_weights, module.gate_up_proj, module.down_proj)
+    backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return _SegmentSwiGLU.apply(hidden_states, top_k_index, top_k_weights, module.gate_up_proj, module.down_proj,
-                                module.act_fn)
+                                module.act_fn, backward_follows)
 
 
 ALL_EXPERTS_FUNCTIONS.register("segment_mm", segment_mm_experts_forward)
