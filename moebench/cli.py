@@ -429,11 +429,15 @@ def bench_roe(
     new_tokens: int = typer.Option(4, "--new-tokens", min=1, help="Tokens generated per prompt (fixed)."),
     repeats: int = typer.Option(3, min=1, help="Timed rounds per mode (median)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch (default: torch's own)."),
     runs: Path = RUNS,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Time per sample of an RoE run skipping for real vs the same model running every layer."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from moebench.roe.bench import bench_roe as run_bench
     from moebench.runs import latest_run, open_run
@@ -454,11 +458,14 @@ def bench_roe(
 
     t = Table(title=f"RoE {r['run']}: {r['samples']} {r['task']} prompts, {r['new_tokens']} new tokens, "
                     f"skip ratio {r['skip_ratio_all_layers']:.3f} of all layers")
-    for col in ("batch size", "RoE ms/sample", "dense ms/sample", "RoE / dense", "1 - 0.7 s"):
+    for col in ("batch size", "RoE ms/sample", "dense ms/sample", "prefill RoE/dense", "decode RoE/dense",
+                "RoE / dense", "1 - 0.7 s", "rounds under"):
         t.add_column(col, justify="right")
     for bs, x in r["by_batch_size"].items():
-        t.add_row(bs, f"{x['roe_ms_per_sample']:.2f}", f"{x['dense_ms_per_sample']:.2f}", f"{x['ratio']:.3f}",
-                  f"{x['bound_1_minus_0.7s']:.3f}")
+        pre, dec = x["prefill_ms_per_sample"], x["decode_ms_per_sample"]
+        t.add_row(bs, f"{x['roe_ms_per_sample']:.2f}", f"{x['dense_ms_per_sample']:.2f}",
+                  f"{pre['roe']:.2f}/{pre['dense']:.2f}", f"{dec['roe']:.2f}/{dec['dense']:.2f}", f"{x['ratio']:.3f}",
+                  f"{x['bound_1_minus_0.7s']:.3f}", f"{x['rounds_under_bound']}/{x['rounds']}")
     out.print(t)
     out.print(f"skip rate per layer: {r['skip_rate']}")
 

@@ -162,3 +162,23 @@ def test_decoding_after_the_routing_tokens_are_cropped_equals_the_dense_parent(t
     n_layers = model.llm.config.num_hidden_layers
     assert [caches[-1].get_seq_length(i) for i in range(n_layers)] == [t + 5] * n_layers
     assert all(layer.cache is None for layer in model.roe.layers(model.llm))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_shortcut_equals_its_definition_with_gradients(tokenizer, autocast):
+    """The fast shortcut path (fused RMSNorm, addmm) against h + Linear(ReLU(Linear(norm(h)))) by modules."""
+    model = _model(tokenizer)
+    add_roe(model, RoEConfig())
+    layer = model.roe.layers(model.llm)[0]
+    torch.nn.init.normal_(layer.adapter[2].weight, std=0.2)  # not the identity it starts as
+    h = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fast = layer.shortcut(h.clone().requires_grad_())
+        hr = h.clone().requires_grad_()
+        ref = hr + layer.adapter(layer.layer.input_layernorm(hr))
+    assert torch.allclose(fast.float(), ref.float(), atol=1e-6)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+    w = layer.adapter[0].weight
+    (gw_fast,) = torch.autograd.grad(fast, w, g)
+    (gw_ref,) = torch.autograd.grad(ref, w, g)
+    assert torch.allclose(gw_fast, gw_ref, atol=1e-5)

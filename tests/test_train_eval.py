@@ -174,6 +174,17 @@ def test_roe_recipe_trains_and_reports_skips_and_measured_params(capsys, tmp_pat
     code, _, err = run_cli(["eval", "--tasks", "gqa", "--model", run_dir, "--limit", "8", "--batch-size", "4",
                             "--results", tmp_path / "r2", "--no-progress"], capsys)
     assert code == 0, err  # the RoE structure is rebuilt from model.json
+    code, out, err = run_cli(["bench", "roe", "--model", run_dir, "--limit", "4", "--batch-sizes", "1,2",
+                              "--repeats", "1", "--json"], capsys)
+    assert code == 0, err
+    b = json.loads(out)
+    assert sorted(b["by_batch_size"]) == ["1", "2"] and b["samples"] == 4 and b["by_batch_size"]["1"]["rounds"] == 1
+    assert 0 <= b["skip_ratio_all_layers"] <= b["skip_ratio_routable_layers"] <= 1
+    for x in b["by_batch_size"].values():
+        assert x["ratio"] == pytest.approx(x["roe_ms_per_sample"] / x["dense_ms_per_sample"])
+        assert x["roe_ms_per_sample"] == pytest.approx(x["prefill_ms_per_sample"]["roe"]
+                                                       + x["decode_ms_per_sample"]["roe"])
+        assert x["bound_1_minus_0.7s"] == pytest.approx(1 - 0.7 * b["skip_ratio_all_layers"])
 
 
 def test_interrupted_eval_resumes_without_recomputing(tiny_run, tmp_path, monkeypatch):

@@ -72,11 +72,26 @@ class RoELayer(nn.Module):
         return self.layer.mlp
 
     def shortcut(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.adapter(self.layer.input_layernorm(h))
+        """`h + Adapter(norm(h))`. On a skipped layer this is all that runs, and at decode size its cost is
+        its operator count, so where the norm is an RMSNorm (Qwen2, Llama) and no autocast is active it
+        runs as four operators (fused norm, matmul, in-place ReLU, matmul adding the residual) with the
+        modules' result (tested)."""
+        norm, down, up = self.layer.input_layernorm, self.adapter[0], self.adapter[2]
+        eps = getattr(norm, "variance_epsilon", None)  # Qwen2RMSNorm / LlamaRMSNorm
+        if eps is None or torch.is_autocast_enabled(h.device.type):
+            return h + self.adapter(norm(h))
+        if h.dtype == torch.float32:  # the RMSNorm modules normalise in fp32, then scale: one fused op here
+            x = nn.functional.rms_norm(h, (h.shape[-1],), norm.weight, eps)
+        else:
+            x = nn.functional.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype) * norm.weight
+        a = torch.relu_(nn.functional.linear(x, down.weight))
+        return torch.addmm(h.reshape(-1, h.shape[-1]), a.reshape(-1, a.shape[-1]), up.weight.t()).view_as(h)
 
     def route_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, 2) [run, skip] from the routing tokens' states at this layer's input (the last two)."""
         rt = h[:, -2:].reshape(h.shape[0], -1).float()  # (B, 2d)
+        if not torch.is_autocast_enabled(h.device.type):  # entering an autocast context costs more than the router
+            return nn.functional.linear(rt, self.router.weight.float(), self.router.bias.float())
         with torch.autocast(h.device.type, enabled=False):
             return nn.functional.linear(rt, self.router.weight.float(), self.router.bias.float())
 
