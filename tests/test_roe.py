@@ -164,21 +164,24 @@ def test_decoding_after_the_routing_tokens_are_cropped_equals_the_dense_parent(t
     assert all(layer.cache is None for layer in model.roe.layers(model.llm))
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_shortcut_equals_its_definition_with_gradients(tokenizer, autocast):
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
+def test_shortcut_equals_its_definition_with_gradients(tokenizer, mode):
     """The fast shortcut path (fused RMSNorm, addmm) against h + Linear(ReLU(Linear(norm(h)))) by modules."""
     model = _model(tokenizer)
     add_roe(model, RoEConfig())
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    model.to(dtype)
     layer = model.roe.layers(model.llm)[0]
     torch.nn.init.normal_(layer.adapter[2].weight, std=0.2)  # not the identity it starts as
-    h = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    h = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
         fast = layer.shortcut(h.clone().requires_grad_())
         hr = h.clone().requires_grad_()
         ref = hr + layer.adapter(layer.layer.input_layernorm(hr))
-    assert torch.allclose(fast.float(), ref.float(), atol=1e-6)
-    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+    bf16 = mode == "bf16"  # addmm rounds once where the modules round twice: one bf16 ulp (outputs up to ~3)
+    assert torch.allclose(fast.float(), ref.float(), atol=2e-2 if bf16 else 1e-6)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(ref.dtype)
     w = layer.adapter[0].weight
     (gw_fast,) = torch.autograd.grad(fast, w, g)
     (gw_ref,) = torch.autograd.grad(ref, w, g)
-    assert torch.allclose(gw_fast, gw_ref, atol=1e-5)
+    assert torch.allclose(gw_fast.float(), gw_ref.float(), atol=0.1 if bf16 else 1e-5)  # entries up to ~14

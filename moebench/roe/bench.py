@@ -5,8 +5,9 @@ The same trained model runs every evaluation prompt twice per batch size, interl
 once with its hard routing decisions (skipped layers not computed) and once in "dense" mode (every
 layer runs, no routing tokens: the dense parent's computation). A round is one pass over the prompts;
 the ratio is of the rounds' median times, and each round's own ratio is kept too. Times cover the
-LLM's prefill and decoding: the image features (vision tower and projector, the same in both) are computed beforehand.
-The measured skip ratio s is the share of all decoder layers skipped, averaged over examples.
+LLM's prefill and decoding: the image features (vision tower and projector, the same in both) are
+computed beforehand. The measured skip ratio s is the share of all decoder layers skipped, averaged
+over examples.
 """
 
 from __future__ import annotations

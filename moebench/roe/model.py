@@ -90,10 +90,11 @@ class RoELayer(nn.Module):
     def route_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, 2) [run, skip] from the routing tokens' states at this layer's input (the last two)."""
         rt = h[:, -2:].reshape(h.shape[0], -1).float()  # (B, 2d)
+        w, b = self.router.weight.float(), self.router.bias.float()
         if not torch.is_autocast_enabled(h.device.type):  # entering an autocast context costs more than the router
-            return nn.functional.linear(rt, self.router.weight.float(), self.router.bias.float())
+            return nn.functional.linear(rt, w, b)
         with torch.autocast(h.device.type, enabled=False):
-            return nn.functional.linear(rt, self.router.weight.float(), self.router.bias.float())
+            return nn.functional.linear(rt, w, b)
 
     def _run(self, h: torch.Tensor, idx: torch.Tensor | None, kwargs: dict, cache) -> torch.Tensor:
         """The wrapped layer on the examples `idx` (None = all), with their slice of the masks."""
