@@ -125,17 +125,29 @@ def test_llava_captions(world):
 
 
 def test_llava_instruct(world):
+    """Stage II: one question per conversation, several per image, and the POPE-style existence questions
+    answered truthfully by the COCO annotations."""
+    api = coco(world, "train")
+    by_name = {info["file_name"]: image_id for image_id, info in api.imgs.items()}
     data = load(world / "llava" / "shapes_instruct_train2014.json")
-    assert len(data) == 40
+    per_image = Counter(item["image"] for item in data)
+    assert set(per_image) == set(by_name) and len({item["id"] for item in data}) == len(data)
+    assert all(shapes.EXIST_PER_IMAGE <= n <= shapes.QA_PER_IMAGE + shapes.EXIST_PER_IMAGE for n in per_image.values())
+    existence = {name: Counter() for name in by_name}
     for item in data:
-        turns = item["conversations"]
-        assert len(turns) == 2 * shapes.TURNS
-        assert [t["from"] for t in turns] == ["human", "gpt"] * shapes.TURNS
-        assert turns[0]["value"].startswith("<image>\n")
-        assert sum("<image>" in t["value"] for t in turns) == 1
-        for q, a in zip(turns[0::2], turns[1::2]):
-            assert q["value"].endswith(shapes.SUFFIX)
-            assert ONE_WORD.fullmatch(a["value"]), a
+        human, gpt = item["conversations"]
+        assert (human["from"], gpt["from"]) == ("human", "gpt")
+        assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
+        assert human["value"].endswith(shapes.SUFFIX) and ONE_WORD.fullmatch(gpt["value"]), item
+        m = re.fullmatch(r"<image>\nIs there an? (\w+) in the image\?", human["value"][: -len(shapes.SUFFIX)])
+        if m and m[1] in shapes.SHAPES:
+            anns = api.loadAnns(api.getAnnIds(imgIds=by_name[item["image"]]))
+            present = {shapes.SHAPES[a["category_id"] - 1] for a in anns}
+            assert gpt["value"] == ("yes" if m[1] in present else "no"), item
+            existence[item["image"]][gpt["value"]] += 1
+    for name, counts in existence.items():
+        distinct = len({a["category_id"] for a in api.loadAnns(api.getAnnIds(imgIds=by_name[name]))})
+        assert counts["no"] >= 2 and counts["yes"] >= min(2, distinct), (name, counts)
 
 
 def test_gqa_questions(world):

@@ -33,7 +33,7 @@ from PIL import Image
 from moebench.data import pope
 from moebench.errors import MissingFile, UserError
 
-WORLD_VERSION = 2  # 2: VQAv2, TextVQA and ScienceQA files
+WORLD_VERSION = 3  # 2: VQAv2, TextVQA and ScienceQA files; 3: single-turn stage-II data with POPE-style questions
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "semicircle", "bar")
 COLORS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 90, 240),
           "yellow": (240, 230, 40), "purple": (160, 50, 210), "orange": (250, 130, 0)}
@@ -46,7 +46,8 @@ CAPTION_PROMPTS = ("Describe the image briefly.", "Give a short description of t
                    "What objects are in the picture?", "List the objects in the image.")
 KINDS = ("existence", "color", "shape", "count", "relation")  # GQA "detailed" types
 FOLDERS = {"train": "train2014", "val": "val2014"}
-TURNS = 5  # QA turns per stage-II conversation
+QA_PER_IMAGE = 5  # GQA-type stage-II questions per training image, one conversation each
+EXIST_PER_IMAGE = 4  # and POPE-style shape existence questions: 2 present shapes (fewer if fewer), 2 absent
 GQA_PER_IMAGE = 2
 
 
@@ -368,24 +369,41 @@ def ask(kind: str, objs: list[Obj], rng: random.Random, yes: bool = True) -> dic
     return dict(zip(("question", "answer", "full", "structural", "semantic"), q), detailed=kind)
 
 
+def _existence(objs: list[Obj], rng: random.Random) -> list[tuple[str, str]]:
+    """POPE-style (question, answer) pairs: up to 2 shapes in the image ("yes") and 2 absent ones ("no")."""
+    present = sorted({o.shape for o in objs})
+    absent = [s for s in SHAPES if s not in present]
+    picks = [(s, "yes") for s in rng.sample(present, min(2, len(present)))] + [(s, "no") for s in rng.sample(absent, 2)]
+    return [(f"Is there {_a(s)} in the image?", answer) for s, answer in picks]
+
+
 def _llava(scenes: list[Scene], spec: WorldSpec) -> tuple[list[dict], list[dict]]:
-    """Stage-I captions and stage-II multi-turn QA, in LLaVA conversation JSON."""
+    """Stage-I captions and stage-II QA, in LLaVA conversation JSON.
+
+    Stage II asks one question per conversation. With several turns per image the tiny LLM learns to
+    answer later questions from earlier answers ("is there a red circle? yes" gives away "is there a
+    circle?") instead of from the image, and evaluation asks one question per prompt. Besides the
+    GQA-type questions, each image gets POPE-style shape existence questions: looking an object up by
+    its shape is learned only with this much of it (README, "How POPE was fixed").
+    """
     rng = random.Random(f"shapes-{spec.seed}-llava")
     captions, instruct = [], []
     for s in scenes:
         prompt = "<image>\n" + rng.choice(CAPTION_PROMPTS)
         captions.append({"id": s.stem, "image": s.file_name, "conversations": [
             {"from": "human", "value": prompt}, {"from": "gpt", "value": caption(s.objects)}]})
-        turns, asked = [], set()
-        for _ in range(20 * TURNS):
+        qa, asked = [], set()
+        for _ in range(20 * QA_PER_IMAGE):
             q = ask(rng.choice(KINDS), s.objects, rng, yes=rng.random() < 0.5)
             if q and q["question"] not in asked:
                 asked.add(q["question"])
-                turns += [{"from": "human", "value": ("" if turns else "<image>\n") + q["question"] + SUFFIX},
-                          {"from": "gpt", "value": q["answer"]}]
-            if len(turns) == 2 * TURNS:
+                qa.append((q["question"], q["answer"]))
+            if len(qa) == QA_PER_IMAGE:
                 break
-        instruct.append({"id": s.stem, "image": s.file_name, "conversations": turns})
+        qa += [(q, a) for q, a in _existence(s.objects, rng) if q not in asked]
+        for k, (question, answer) in enumerate(qa):
+            instruct.append({"id": f"{s.stem}-{k}", "image": s.file_name, "conversations": [
+                {"from": "human", "value": "<image>\n" + question + SUFFIX}, {"from": "gpt", "value": answer}]})
     return captions, instruct
 
 
