@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from conftest import REPO, run_cli
 from moebench.config import apply_override, load_recipe, stage_key
@@ -40,14 +41,18 @@ def test_override_must_be_key_value():
         apply_override({}, "seed")
 
 
-def test_grounding_weight_enters_the_stage_key_only_when_set():
-    base = load_recipe(RECIPE, [])
-    same = load_recipe(RECIPE, ["stages.clip.grounding_weight=1.0"])
-    heavier = load_recipe(RECIPE, ["stages.clip.grounding=annotations/instances_train2014.json",
-                                   "stages.clip.grounding_weight=5"])
-    grounded = load_recipe(RECIPE, ["stages.clip.grounding=annotations/instances_train2014.json"])
-    assert stage_key(base, 0, "h") == stage_key(same, 0, "h")  # earlier checkpoints keep their keys
-    assert stage_key(heavier, 0, "h") != stage_key(grounded, 0, "h") != stage_key(base, 0, "h")
+def test_grounding_weight_enters_the_stage_key_only_when_set(tmp_path):
+    shipped = load_recipe(RECIPE, [])  # grounded at weight 5
+    raw = yaml.safe_load(RECIPE.read_text())
+    for key in ("grounding", "grounding_weight"):
+        del raw["stages"][0][key]
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(raw))
+    plain = load_recipe(tmp_path / "plain.yaml", [])  # a recipe written before grounding existed
+    default_weight = load_recipe(RECIPE, ["stages.clip.grounding=", "stages.clip.grounding_weight=1.0"])
+    grounded = load_recipe(RECIPE, ["stages.clip.grounding_weight=1.0"])
+    assert shipped.stages[0].grounding and shipped.stages[0].grounding_weight == 5.0
+    assert stage_key(plain, 0, "h") == stage_key(default_weight, 0, "h")  # earlier checkpoints keep their keys
+    assert len({stage_key(r, 0, "h") for r in (shipped, grounded, plain)}) == 3
 
 
 def test_stage_keys_shared_prefix():
