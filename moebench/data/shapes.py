@@ -333,7 +333,7 @@ def ask(kind: str, objs: list[Obj], rng: random.Random, yes: bool = True) -> dic
             pool = sorted(pairs) if yes else [(c, s) for s in sorted(shapes) for c in COLORS if (c, s) not in pairs]
             name, semantic = " ".join(rng.choice(pool)), "attr"
         answer, full = ("yes", f"Yes, there is {_a(name)}.") if yes else ("no", f"No, there is no {name}.")
-        q = (f"Is there {_a(name)} in the image?", answer, full, "verify", semantic)
+        q = (pope.question_text(name), answer, full, "verify", semantic)
     elif kind == "color":
         unique = [o for o in objs if shapes[o.shape] == 1]
         if not unique:
@@ -374,7 +374,7 @@ def _existence(objs: list[Obj], rng: random.Random) -> list[tuple[str, str]]:
     present = sorted({o.shape for o in objs})
     absent = [s for s in SHAPES if s not in present]
     picks = [(s, "yes") for s in rng.sample(present, min(2, len(present)))] + [(s, "no") for s in rng.sample(absent, 2)]
-    return [(f"Is there {_a(s)} in the image?", answer) for s, answer in picks]
+    return [(pope.question_text(s), answer) for s, answer in picks]
 
 
 def _llava(scenes: list[Scene], spec: WorldSpec) -> tuple[list[dict], list[dict]]:
