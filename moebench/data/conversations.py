@@ -113,6 +113,7 @@ class ConversationDataset:
     def __init__(self, items: list[dict], image_root: Path, encoder: Encoder, template: str, vision_cfg):
         self.items, self.image_root, self.encoder = items, Path(image_root), encoder
         self.template, self.vision = template, vision_cfg
+        self.features: dict | None = None  # image name -> a frozen tower's features (moebench/train/frozen.py)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -120,15 +121,23 @@ class ConversationDataset:
     def __getitem__(self, i: int) -> dict:
         import torch
 
-        from moebench.data.images import load_image, preprocess
-
         item = self.items[i]
         ids, labels = self.encoder.conversation(item["conversations"], self.template)
-        v = self.vision
-        image = preprocess(load_image(self.image_root / item["image"]), v.image_size, v.image_mean, v.image_std, v.aspect)
         caption = self.encoder.ids(item["conversations"][-1]["value"])[: 62] + [self.encoder.tokenizer.eos_token_id]
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": image,
-                "caption_ids": torch.tensor(caption)}
+        out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "caption_ids": torch.tensor(caption)}
+        if self.features is not None:
+            out["vision_features"] = self.features[item["image"]]
+        else:
+            out["pixel_values"] = self.pixels(i)
+        return out
+
+    def pixels(self, i: int):
+        """The preprocessed image of item i, (3, H, W)."""
+        from moebench.data.images import load_image, preprocess
+
+        v = self.vision
+        return preprocess(load_image(self.image_root / self.items[i]["image"]), v.image_size, v.image_mean, v.image_std,
+                          v.aspect)
 
 
 def pad_stack(seqs, value: int, left: bool = False):
@@ -152,6 +161,6 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     ids, mask = pad_stack([b["input_ids"] for b in batch], pad_id)
     labels, _ = pad_stack([b["labels"] for b in batch], IGNORE)
     caps, cap_mask = pad_stack([b["caption_ids"] for b in batch], pad_id)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
+    image = "pixel_values" if "pixel_values" in batch[0] else "vision_features"
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, image: torch.stack([b[image] for b in batch]),
             "caption_ids": caps, "caption_mask": cap_mask}

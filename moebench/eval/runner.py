@@ -9,6 +9,7 @@ the metrics are those of one process.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
@@ -55,10 +56,13 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
 
     v = vision
 
+    @functools.lru_cache(maxsize=64)  # an image's questions are neighbours (POPE: 6 per image and split)
+    def image(path: Path) -> torch.Tensor:
+        return preprocess(load_image(path), v.image_size, v.image_mean, v.image_std, v.aspect)
+
     def run(batch: list[Sample]):
         prompts = [encoder.prompt(s.question + task.prompt_suffix) for s in batch]
-        pixels = torch.stack([preprocess(load_image(s.image), v.image_size, v.image_mean, v.image_std, v.aspect)
-                              for s in batch]).to(device)
+        pixels = torch.stack([image(s.image) for s in batch]).to(device)
         gen = greedy_generate(model, prompts, pixels, max_new_tokens=max_new_tokens,
                               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
         return prompts, gen

@@ -39,6 +39,10 @@ class VLM(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, d_llm) projected patch features of the chosen vision layer."""
+        return self.projector(self.vision_features(pixel_values))
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, d_v) the chosen vision layer's features, before the projector."""
         dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         h = out.hidden_states[self.feature_layer]  # (B, 1 + P, d_v)
@@ -48,7 +52,7 @@ class VLM(nn.Module):
             h = torch.cat([h[:, 1:].amax(1, keepdim=True), h[:, 1:]], 1)  # (B, 1 + P, d_v) pooled token first
         if self.feature_norm:
             h = self.vision_tower.post_layernorm(h)
-        return self.projector(h)
+        return h
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               image_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,9 +76,14 @@ class VLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 past_key_values=None, use_cache: bool = False, logits_to_keep: int = 0,
-                labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
+                labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                vision_features: torch.Tensor | None = None):
         """Logits of the LM over the prompt (`labels` only tell RoE where the first turn's prompt ends).
-        `image_features` (B, N, d), the projected features, replace `pixel_values` when given."""
+        `image_features` (B, N, d), the projected features, or `vision_features` (B, N, d_v), the tower's
+        features before the projector (a frozen tower's, computed once: moebench/train/frozen.py), replace
+        `pixel_values` when given."""
+        if vision_features is not None:
+            image_features = self.projector(vision_features.to(next(self.projector.parameters()).dtype))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:

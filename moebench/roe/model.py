@@ -276,7 +276,8 @@ def roe_parameters(model) -> list[nn.Parameter]:
 
 def roe_loss_fn(cfg: RoEConfig):
     def loss_fn(model, batch):
-        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["labels"])
+        out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), labels=batch["labels"],
+                    vision_features=batch.get("vision_features"))
         return regularised_loss(out.logits, batch["labels"], model.roe.ctx.skip_probs, cfg.target_skip,
                                 cfg.reg_coef)
 

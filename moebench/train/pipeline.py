@@ -30,7 +30,7 @@ from moebench.data.sources import DataSource, file_hash, resolve
 from moebench.errors import UserError
 from moebench.models.checkpoint import atomic_dir, is_model_dir, load_vlm, save_vlm
 from moebench.runs import RUN_FILE, STAGES_DIR, RunInfo, git_commit
-from moebench.train.loop import NONFINITE_FILE, run_stage
+from moebench.train.loop import NONFINITE_FILE, run_stage, total_steps
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -111,7 +111,8 @@ def make_loss_fn(moe: MoEConfig | None):
     from moebench.moe.upcycle import moe_blocks, moe_losses
 
     def loss_fn(model, batch):
-        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                    vision_features=batch.get("vision_features"))
         supervised = (batch["labels"][:, 1:] != IGNORE).sum()  # the tokens lm_loss averages over
         lm = parallel.global_mean(lm_loss(out.logits, batch["labels"]), supervised)
         logs = {"lm_loss": lm.detach()}
@@ -211,6 +212,8 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
                 _say(w.main, f"RoE: layers {layers} may be skipped (target skip ratio {recipe.roe.target_skip})")
             plain = model
             select, loss_fn = functools.partial(_param_groups, stage=stage), make_loss_fn(recipe.moe)
+            if "vision" not in stage.train:
+                _use_frozen_features(model, dataset, stage, device, progress)
         # module: what a step calls; net: the model it trains (a sharded copy of `plain` under FSDP2)
         module, net, groups = parallel.prepare(plain, recipe.distributed, select)
         before_step, generators = None, None
@@ -261,6 +264,20 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
             (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1))
     parallel.barrier()
     return RunInfo(run_dir, meta)
+
+
+def _use_frozen_features(model, dataset: ConversationDataset, stage: StageConfig, device: torch.device,
+                         progress: bool) -> None:
+    """Give `dataset` its images' tower features when the stage reuses them enough (moebench/train/frozen.py)."""
+    from moebench.train import frozen
+
+    images = len({it["image"] for it in dataset.items})
+    samples = total_steps(stage, len(dataset)) * stage.grad_accum * stage.batch_size
+    if frozen.wanted(images, samples, (model.num_image_tokens, model.vision_tower.config.hidden_size)):
+        t = time.perf_counter()
+        dataset.features = frozen.feature_table(model, dataset, device)
+        _say(progress, f"frozen vision tower: features of {images} images computed once "
+                       f"({time.perf_counter() - t:.0f}s), reused by {samples} samples")
 
 
 def _all_params(module, lr: float) -> list[tuple[str, list, float]]:
