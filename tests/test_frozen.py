@@ -9,11 +9,12 @@ from moebench.train import frozen
 
 
 def test_table_is_only_wanted_when_images_repeat_and_fit():
-    assert frozen.wanted(6000, 51653, (16, 128))  # the main job's stage II: 8.6 draws per image, 49 MB
-    assert not frozen.wanted(6000, 6000, (16, 128))  # stage I: each image once
-    assert not frozen.wanted(6000, 1568, (16, 128))  # a short stage III
-    assert not frozen.wanted(665_000, 10 * 665_000, (576, 1024))  # LLaVA-665k at 336 px: 1.5 TB
-    assert not frozen.wanted(0, 10, (16, 128))
+    assert frozen.wanted(6000, 31008, 16 * 128)  # the main job's stage II: 5.2 draws per image, 49 MB
+    assert frozen.wanted(6000, 18000, 3 * 64 * 64)  # its stage 0 keeps pixels: 3 epochs, 295 MB
+    assert not frozen.wanted(6000, 6000, 16 * 128)  # stage I: each image once
+    assert not frozen.wanted(6000, 1568, 16 * 128)  # a short stage III
+    assert not frozen.wanted(665_000, 10 * 665_000, 576 * 1024)  # LLaVA-665k at 336 px: 1.5 TB
+    assert not frozen.wanted(0, 10, 16 * 128)
 
 
 def test_table_equals_the_tower_image_by_image(tiny_recipe):
@@ -30,6 +31,11 @@ def test_table_equals_the_tower_image_by_image(tiny_recipe):
     enc = Encoder(tokenizer, model.num_image_tokens, model.image_token_id)
     items = read_conversations(src.root / stage.data)[:300]
     ds = ConversationDataset(items, src.root / stage.images, enc, stage.template, tiny_recipe.model.vision)
+    fresh = ds.pixels(5)
+    ds.memo = {}
+    kept = ds.pixels(5)
+    assert torch.equal(kept, fresh) and ds.pixels(5) is kept  # decoded once, then reused as is
+    ds.memo = None
     table = frozen.feature_table(model, ds, torch.device("cpu"))
     assert model.training  # its mode is restored
     assert set(table) == {it["image"] for it in items}

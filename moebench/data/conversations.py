@@ -114,6 +114,7 @@ class ConversationDataset:
         self.items, self.image_root, self.encoder = items, Path(image_root), encoder
         self.template, self.vision = template, vision_cfg
         self.features: dict | None = None  # image name -> a frozen tower's features (moebench/train/frozen.py)
+        self.memo: dict | None = None  # image name -> preprocessed pixels, kept when a stage shows images again
 
     def __len__(self) -> int:
         return len(self.items)
@@ -135,9 +136,14 @@ class ConversationDataset:
         """The preprocessed image of item i, (3, H, W)."""
         from moebench.data.images import load_image, preprocess
 
+        name = self.items[i]["image"]
+        if self.memo is not None and name in self.memo:
+            return self.memo[name]
         v = self.vision
-        return preprocess(load_image(self.image_root / self.items[i]["image"]), v.image_size, v.image_mean, v.image_std,
-                          v.aspect)
+        x = preprocess(load_image(self.image_root / name), v.image_size, v.image_mean, v.image_std, v.aspect)
+        if self.memo is not None:
+            self.memo[name] = x
+        return x
 
 
 def pad_stack(seqs, value: int, left: bool = False):

@@ -190,6 +190,8 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
         if stage.kind == "clip":
             from moebench.train.clip import ClipPretrainer, GroundedCaptions, clip_loss_fn, grounded_collate
 
+            _keep_images(model, dataset, stage, device, progress, frozen_tower=False)
+
             if stage.grounding:
                 v = recipe.model.vision
                 dataset = GroundedCaptions(dataset, src.root / stage.grounding, v.image_size, v.patch_size)
@@ -212,8 +214,7 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
                 _say(w.main, f"RoE: layers {layers} may be skipped (target skip ratio {recipe.roe.target_skip})")
             plain = model
             select, loss_fn = functools.partial(_param_groups, stage=stage), make_loss_fn(recipe.moe)
-            if "vision" not in stage.train:
-                _use_frozen_features(model, dataset, stage, device, progress)
+            _keep_images(model, dataset, stage, device, progress, frozen_tower="vision" not in stage.train)
         # module: what a step calls; net: the model it trains (a sharded copy of `plain` under FSDP2)
         module, net, groups = parallel.prepare(plain, recipe.distributed, select)
         before_step, generators = None, None
@@ -266,18 +267,22 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
     return RunInfo(run_dir, meta)
 
 
-def _use_frozen_features(model, dataset: ConversationDataset, stage: StageConfig, device: torch.device,
-                         progress: bool) -> None:
-    """Give `dataset` its images' tower features when the stage reuses them enough (moebench/train/frozen.py)."""
+def _keep_images(model, dataset: ConversationDataset, stage: StageConfig, device: torch.device, progress: bool, *,
+                 frozen_tower: bool) -> None:
+    """When the stage shows its images again and again (moebench/train/frozen.py), give `dataset` its
+    images' features from the frozen tower, computed once, or else keep each image's pixels once decoded."""
     from moebench.train import frozen
 
     images = len({it["image"] for it in dataset.items})
     samples = total_steps(stage, len(dataset)) * stage.grad_accum * stage.batch_size
-    if frozen.wanted(images, samples, (model.num_image_tokens, model.vision_tower.config.hidden_size)):
+    d_vision, size = model.vision_tower.config.hidden_size, model.vision_tower.config.image_size
+    if frozen_tower and frozen.wanted(images, samples, model.num_image_tokens * d_vision):
         t = time.perf_counter()
         dataset.features = frozen.feature_table(model, dataset, device)
         _say(progress, f"frozen vision tower: features of {images} images computed once "
-                       f"({time.perf_counter() - t:.0f}s), reused by {samples} samples")
+                       f"({time.perf_counter() - t:.0f}s) for {samples} samples")
+    elif frozen.wanted(images, samples, 3 * size * size):
+        dataset.memo = {}
 
 
 def _all_params(module, lr: float) -> list[tuple[str, list, float]]:
