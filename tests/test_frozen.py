@@ -3,6 +3,7 @@ stage trained from the table against the same stage running the tower on every b
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moebench.train import frozen
@@ -63,3 +64,23 @@ def test_stage_trained_from_the_table_matches_the_tower_every_batch(tiny_recipe,
         run = train(tiny_recipe, runs_dir=tmp_path / name, results_dir=tmp_path / f"{name}-results", progress=False)
         losses[name] = run.meta["final_loss"]
     assert abs(losses["table"] - losses["tower"]) < 1e-4
+
+    # interrupted after stage II's step 3 (its checkpoint is at step 2), then resumed: the table is computed
+    # again the same way, so the run ends exactly as the uninterrupted one
+    monkeypatch.setattr(frozen, "MIN_REUSE", 0.0)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step: int) -> None:
+        if step == 3 and stop_at_3.armed:
+            stop_at_3.armed = False
+            raise Stop
+
+    stop_at_3.armed = True  # stages 0 and I have 2 steps each, so the stop lands in stage II
+    kwargs = dict(runs_dir=tmp_path / "resumed", results_dir=tmp_path / "resumed-results", progress=False)
+    with pytest.raises(Stop):
+        train(tiny_recipe, on_step=stop_at_3, **kwargs)
+    assert list((tmp_path / "resumed" / ".stages").glob("2-finetune-*/partial/state.pt"))  # resumes from step 2
+    run = train(tiny_recipe, resume=True, **kwargs)
+    assert run.meta["final_loss"] == losses["table"]
