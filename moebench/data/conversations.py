@@ -134,13 +134,12 @@ class ConversationDataset:
 
     def pixels(self, i: int):
         """The preprocessed image of item i, (3, H, W)."""
-        from moebench.data.images import load_image, preprocess
+        from moebench.data.images import load_pixels
 
         name = self.items[i]["image"]
         if self.memo is not None and name in self.memo:
             return self.memo[name]
-        v = self.vision
-        x = preprocess(load_image(self.image_root / name), v.image_size, v.image_mean, v.image_std, v.aspect)
+        x = load_pixels(self.image_root / name, self.vision)
         if self.memo is not None:
             self.memo[name] = x
         return x

@@ -42,3 +42,8 @@ def preprocess(image, size: int, mean, std, aspect: str = "pad"):
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - mean_t) / std_t
+
+
+def load_pixels(path: Path, vision):
+    """The image at `path` preprocessed for a vision config (image_size, image_mean, image_std, aspect)."""
+    return preprocess(load_image(path), vision.image_size, vision.image_mean, vision.image_std, vision.aspect)

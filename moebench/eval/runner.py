@@ -52,13 +52,11 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
 
     Under torchrun each rank computes every W-th sample still to do (W ranks) and every rank returns
     the records, timings and statistics of all of them."""
-    from moebench.data.images import load_image, preprocess
-
-    v = vision
+    from moebench.data.images import load_pixels
 
     @functools.lru_cache(maxsize=64)  # an image's questions are neighbours (POPE: 6 per image and split)
     def image(path: Path) -> torch.Tensor:
-        return preprocess(load_image(path), v.image_size, v.image_mean, v.image_std, v.aspect)
+        return load_pixels(path, vision)
 
     def run(batch: list[Sample]):
         prompts = [encoder.prompt(s.question + task.prompt_suffix) for s in batch]

@@ -20,7 +20,7 @@ import torch
 def bench_roe(run, *, task: str = "gqa", limit: int = 64, batch_sizes=(1, 8), max_new_tokens: int = 4,
               repeats: int = 3, device: str = "cpu", progress: bool = False) -> dict:
     from moebench.data.conversations import Encoder
-    from moebench.data.images import load_image, preprocess
+    from moebench.data.images import load_pixels
     from moebench.data.sources import resolve
     from moebench.errors import UserError
     from moebench.eval.generate import greedy_generate
@@ -32,13 +32,11 @@ def bench_roe(run, *, task: str = "gqa", limit: int = 64, batch_sizes=(1, 8), ma
     if roe is None:
         raise UserError(f"{run.dir} is not an RoE run; train one with recipes/shapes_roe.yaml")
     recipe = run.recipe
-    v = recipe.model.vision
     src = resolve(recipe.data.source, recipe.data.world, progress=progress)
     samples = load_samples(load_task(task), src.root, limit)
     enc = Encoder(tokenizer, model.num_image_tokens, model.image_token_id, system=recipe.model.system)
     prompts = [enc.prompt(s.question + load_task(task).prompt_suffix) for s in samples]
-    pixels = torch.stack([preprocess(load_image(s.image), v.image_size, v.image_mean, v.image_std, v.aspect)
-                          for s in samples])
+    pixels = torch.stack([load_pixels(s.image, recipe.model.vision) for s in samples])
     layers = roe.layers(model.llm)
     n_layers = model.llm.config.num_hidden_layers
     kw = dict(max_new_tokens=max_new_tokens, eos_id=-1, pad_id=tokenizer.pad_token_id)  # fixed length
