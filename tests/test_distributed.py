@@ -157,9 +157,9 @@ def test_nan_loss_stops_with_one_line_error_and_keeps_the_checkpoint(one_process
             shutil.copytree(d, runs / ".stages" / d.name)
     real, calls = vlm.lm_loss, {"n": 0}
 
-    def nan_from_step_3(logits, labels):  # one call per micro-batch, one micro-batch per step
+    def nan_from_step_3(logits, labels, positions=None):  # one call per micro-batch, one micro-batch per step
         calls["n"] += 1
-        loss = real(logits, labels)
+        loss = real(logits, labels, positions)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
     monkeypatch.setattr(vlm, "lm_loss", nan_from_step_3)

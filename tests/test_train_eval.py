@@ -232,3 +232,41 @@ def test_eval_all_five_tasks_on_the_shapes_world(tiny_run, tmp_path, capsys):
             ("scienceqa_img", "unparsable")} <= heads
     samples = [r for r in results.read_rows([tmp_path], "samples") if r["task"] == "vqav2"]
     assert len(json.loads(samples[0]["target"])) == 10  # the 10 annotator answers
+
+
+def test_repeated_prompts_are_generated_once_with_their_own_answers(tiny_run, monkeypatch):
+    """POPE's splits share questions: each distinct (image, question) is generated once, and every sample
+    gets the answer it gets when its split is evaluated alone (no prompt repeats within a split)."""
+    import torch
+
+    from moebench.data.conversations import Encoder
+    from moebench.data.sources import resolve
+    from moebench.eval import runner
+    from moebench.eval.tasks import load_samples, load_task
+
+    run, _ = tiny_run
+    model, tok = run.load_model()
+    enc = Encoder(tok, model.num_image_tokens, model.image_token_id, system=run.recipe.model.system)
+    task = load_task("pope")
+    samples = load_samples(task, resolve(run.recipe.data.source, run.recipe.data.world, progress=False).root, 12)
+    distinct = {(s.image, s.question) for s in samples}
+    assert len(samples) == 36 and len(distinct) < len(samples)
+    real, generated = runner.greedy_generate, []
+
+    def counting(model, prompts, *a, **kw):
+        generated.append(len(prompts))
+        return real(model, prompts, *a, **kw)
+
+    monkeypatch.setattr(runner, "greedy_generate", counting)
+    kw = dict(vision=run.recipe.model.vision, batch_size=5, max_new_tokens=task.max_new_tokens,
+              device=torch.device("cpu"), progress=False)
+    records, timing, _ = runner.predict(model, tok, enc, task, samples, **kw)
+    assert sum(generated[1:]) == len(distinct)  # after the warm-up batch
+    assert [(r["split"], r["question_id"]) for r in records] == [(s.split, s.question_id) for s in samples]
+    alone = {}
+    for split in {s.split for s in samples}:
+        part = [s for s in samples if s.split == split]
+        assert len({(s.image, s.question) for s in part}) == len(part)
+        recs, _, _ = runner.predict(model, tok, enc, task, part, **kw)
+        alone.update({(r["split"], r["question_id"]): r["prediction"] for r in recs})
+    assert {(r["split"], r["question_id"]): r["prediction"] for r in records} == alone

@@ -75,13 +75,14 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                past_key_values=None, use_cache: bool = False, logits_to_keep: int = 0,
+                past_key_values=None, use_cache: bool = False, logits_to_keep: int | torch.Tensor = 0,
                 labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                 vision_features: torch.Tensor | None = None):
         """Logits of the LM over the prompt (`labels` only tell RoE where the first turn's prompt ends).
         `image_features` (B, N, d), the projected features, or `vision_features` (B, N, d_v), the tower's
         features before the projector (a frozen tower's, computed once: moebench/train/frozen.py), replace
-        `pixel_values` when given."""
+        `pixel_values` when given. `logits_to_keep`: as in transformers, the last n positions (0: all) or a
+        (P,) tensor of positions (an int with RoE's routing tokens)."""
         if vision_features is not None:
             image_features = self.projector(vision_features.to(next(self.projector.parameters()).dtype))
         if attention_mask is None:
@@ -121,9 +122,21 @@ def _forward_routed(model: VLM, embeds, attention_mask, position_ids, input_ids,
     return out
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, mean over supervised tokens (labels -100 are ignored)."""
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    return nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                       shift_labels.reshape(-1), ignore_index=-100)
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(P,) the positions t whose logits predict a supervised token, labels[:, t + 1] != -100, in any row.
+
+    Training passes them as `logits_to_keep`: the LM head then runs on the answer positions only (about
+    one in five of a shapes QA sequence) and the loss is unchanged."""
+    return (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy, mean over supervised tokens (labels -100 are ignored).
+
+    `logits` are (B, T, V) over every position, or (B, P, V) at `positions` only (supervised_positions)."""
+    if positions is None:
+        logits, targets = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    else:
+        targets = labels[:, 1:][:, positions]  # (B, P)
+    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=-100)

@@ -121,7 +121,7 @@ def run_stage(
     total = total_steps(stage, n)
     per_epoch = math.ceil(n / stage.batch_size)
     opt = torch.optim.AdamW([{"params": p, "lr": lr, "name": name} for name, p, lr in param_groups],
-                            weight_decay=stage.weight_decay, betas=(0.9, 0.999))
+                            weight_decay=stage.weight_decay, betas=(0.9, 0.999), fused=_fused(param_groups))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage, total))
     partial = Path(work_dir) / "partial"
     step = 0
@@ -201,6 +201,17 @@ def run_stage(
     log(pending)
     module.eval()
     return StageResult(steps=step, final_loss=last_loss, rows=rows)
+
+
+def _fused(param_groups) -> bool | None:
+    """AdamW's fused kernel (one pass over each parameter instead of a dozen ops: 4% of a shapes stage-II
+    step on the CPU) where every parameter is a plain floating tensor on the CPU or CUDA; torch's default
+    elsewhere."""
+    from torch.distributed.tensor import DTensor
+
+    ps = [p for _, group, _ in param_groups for p in group]
+    ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in ps)
+    return True if ps and ok else None
 
 
 def _extra(acc_logs: dict, k: int) -> dict | None:

@@ -107,14 +107,15 @@ def make_loss_fn(moe: MoEConfig | None):
 
     Logs carry per-layer expert load, router entropy and dropped fraction for the training table.
     """
-    from moebench.models.vlm import lm_loss
+    from moebench.models.vlm import lm_loss, supervised_positions
     from moebench.moe.upcycle import moe_blocks, moe_losses
 
     def loss_fn(model, batch):
+        keep = supervised_positions(batch["labels"])  # the LM head runs at these positions only
         out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                    vision_features=batch.get("vision_features"))
+                    vision_features=batch.get("vision_features"), logits_to_keep=keep)
         supervised = (batch["labels"][:, 1:] != IGNORE).sum()  # the tokens lm_loss averages over
-        lm = parallel.global_mean(lm_loss(out.logits, batch["labels"]), supervised)
+        lm = parallel.global_mean(lm_loss(out.logits, batch["labels"], keep), supervised)
         logs = {"lm_loss": lm.detach()}
         balance, z = moe_losses(model)
         if balance is None or moe is None:
