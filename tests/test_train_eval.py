@@ -258,9 +258,9 @@ def test_repeated_prompts_are_generated_once_with_their_own_answers(tiny_run, mo
         return real(model, prompts, *a, **kw)
 
     monkeypatch.setattr(runner, "greedy_generate", counting)
-    kw = dict(vision=run.recipe.model.vision, batch_size=5, max_new_tokens=task.max_new_tokens,
-              device=torch.device("cpu"), progress=False)
-    records, timing, _ = runner.predict(model, tok, enc, task, samples, **kw)
+    kw = {"vision": run.recipe.model.vision, "batch_size": 5, "max_new_tokens": task.max_new_tokens,
+          "device": torch.device("cpu"), "progress": False}
+    records, _, _ = runner.predict(model, tok, enc, task, samples, **kw)
     assert sum(generated[1:]) == len(distinct)  # after the warm-up batch
     assert [(r["split"], r["question_id"]) for r in records] == [(s.split, s.question_id) for s in samples]
     alone = {}
