@@ -39,7 +39,9 @@ def _repo_dir(name: str) -> Path:
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/shapes_dense.yaml."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. stages.finetune.lr=1e-4 seed=1."),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="More recipe YAMLs, trained in order in this process, then key=value overrides for every "
+                   "recipe, e.g. stages.finetune.lr=1e-4 seed=1."),
     runs: Path = RUNS,
     results: Path = RESULTS,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted stage from its last checkpoint."),
@@ -49,21 +51,37 @@ def train(
 ):
     """Train every stage of RECIPE (reusing cached stages), save the run, then evaluate its tasks.
 
+    Several recipes (`moebench train recipes/shapes_dense.yaml recipes/shapes_moe.yaml`) train one after
+    the other in one process; a variant reuses the stages it shares with the recipes before it.
     Multi-GPU: `torchrun --nproc-per-node N -m moebench train RECIPE` (or --nproc N on one machine)."""
     from moebench.config import load_recipe
 
-    rec = load_recipe(recipe, overrides or [])  # a bad recipe fails here, before any process starts
+    paths, sets = [recipe], []
+    for arg in overrides or []:
+        if "=" in arg:
+            sets.append(arg)
+        elif sets or Path(arg).suffix not in (".yaml", ".yml"):
+            raise UserError(f"expected a key=value override, got {arg!r} (more recipe .yaml files go before the overrides)")
+        else:
+            paths.append(Path(arg))
+    recs = [load_recipe(p, sets) for p in paths]  # a bad recipe fails here, before anything trains
+    vision = [p for p, r in zip(paths, recs) if getattr(r, "kind", None) == "vision"]
+    if vision and (_world_size() > 1 or (nproc or 1) > 1):
+        raise UserError(f"{vision[0]} is a vision (ViMoE) recipe; those train in one process: drop --nproc / torchrun")
+    if (nproc or 1) > 1:
+        _torchrun(nproc, ["train", *map(str, paths), *sets, "--runs", str(runs), "--results", str(results),
+                          *(["--resume"] if resume else []), "--eval" if eval_ else "--no-eval",
+                          "--progress" if progress else "--no-progress"])
+        return
+    for rec in recs:
+        _train_one(rec, runs=runs, results=results, resume=resume, eval_=eval_, progress=progress)
+
+
+def _train_one(rec, *, runs: Path, results: Path, resume: bool, eval_: bool, progress: bool) -> None:
     if getattr(rec, "kind", None) == "vision":  # ViMoE: dense parent, then each variant, each evaluated
-        if _world_size() > 1 or (nproc or 1) > 1:
-            raise UserError(f"{recipe} is a vision (ViMoE) recipe; those train in one process: drop --nproc / torchrun")
         from moebench.vision.train import train_vision
 
         _print_headlines(train_vision(rec, runs_dir=runs, results_dir=results, progress=progress))
-        return
-    if (nproc or 1) > 1:
-        _torchrun(nproc, ["train", str(recipe), *(overrides or []), "--runs", str(runs), "--results", str(results),
-                          *(["--resume"] if resume else []), "--eval" if eval_ else "--no-eval",
-                          "--progress" if progress else "--no-progress"])
         return
     from moebench.train.pipeline import train as run_train
 

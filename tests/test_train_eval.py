@@ -270,3 +270,25 @@ def test_repeated_prompts_are_generated_once_with_their_own_answers(tiny_run, mo
         recs, _, _ = runner.predict(model, tok, enc, task, part, **kw)
         alone.update({(r["split"], r["question_id"]): r["prediction"] for r in recs})
     assert {(r["split"], r["question_id"]): r["prediction"] for r in records} == alone
+
+
+def test_several_recipes_in_one_process_match_separate_processes(capsys, tmp_path):
+    """`moebench train dense.yaml moe.yaml` gives the runs and metrics of two separate `train` commands."""
+    from conftest import REPO, TINY
+
+    dense, moe = REPO / "recipes" / "shapes_dense.yaml", REPO / "recipes" / "shapes_moe.yaml"
+    both, apart = tmp_path / "both", tmp_path / "apart"
+    code, _, err = run_cli(["train", dense, moe, *TINY, "--runs", both / "runs", "--results", both / "res",
+                            "--no-progress"], capsys)
+    assert code == 0, err
+    for recipe in (dense, moe):
+        code, _, err = run_cli(["train", recipe, *TINY, "--runs", apart / "runs", "--results", apart / "res",
+                                "--no-progress"], capsys)
+        assert code == 0, err
+    names = sorted(p.name for p in (both / "runs").iterdir() if not p.name.startswith("."))
+    assert [n.split("-")[0] for n in names] == ["shapes_dense", "shapes_moe"]
+    assert names == sorted(p.name for p in (apart / "runs").iterdir() if not p.name.startswith("."))
+    for name in names:
+        assert _metrics(both / "res", name) == _metrics(apart / "res", name) != {}
+    code, _, err = run_cli(["train", dense, "seed=1", moe, "--runs", tmp_path / "r"], capsys)
+    assert code == 2 and "expected a key=value override, got" in err
