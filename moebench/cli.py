@@ -58,10 +58,10 @@ def train(
 
     paths, sets = [recipe], []
     for arg in overrides or []:
-        if "=" in arg:
-            sets.append(arg)
-        elif sets or Path(arg).suffix not in (".yaml", ".yml"):
-            raise UserError(f"expected a key=value override, got {arg!r} (more recipe .yaml files go before the overrides)")
+        if "=" in arg or Path(arg).suffix not in (".yaml", ".yml"):
+            sets.append(arg)  # load_recipe names a malformed one
+        elif sets:
+            raise UserError(f"recipe {arg} comes after the overrides; put every recipe first, then the key=value overrides")
         else:
             paths.append(Path(arg))
     recs = [load_recipe(p, sets) for p in paths]  # a bad recipe fails here, before anything trains

@@ -291,4 +291,4 @@ def test_several_recipes_in_one_process_match_separate_processes(capsys, tmp_pat
     for name in names:
         assert _metrics(both / "res", name) == _metrics(apart / "res", name) != {}
     code, _, err = run_cli(["train", dense, "seed=1", moe, "--runs", tmp_path / "r"], capsys)
-    assert code == 2 and "expected a key=value override, got" in err
+    assert code == 2 and "comes after the overrides" in err
