@@ -9,7 +9,7 @@ Only answers (and their </s>) are supervised; prompts and image tokens get label
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moebench.errors import MissingFile, UserError
@@ -68,6 +68,10 @@ class Encoder:
     image_token_id: int
     system: str = ""
     max_len: int = 512
+    # text piece -> its ids. Tokenising is a pure function of the text, and the pieces repeat: a stage
+    # shows each caption once per epoch, and the shapes world's questions come from a few templates.
+    # One tokenizer call costs about as much as a sample's share of a training step's data time.
+    memo: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     def ids(self, text: str) -> list[int]:
         """Token ids of `text`; each <image> becomes n_image_tokens image ids."""
@@ -76,7 +80,9 @@ class Encoder:
             if i:
                 out += [self.image_token_id] * self.n_image_tokens
             if piece:
-                out += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+                if piece not in self.memo:
+                    self.memo[piece] = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+                out += self.memo[piece]
         return out
 
     def bos(self) -> list[int]:

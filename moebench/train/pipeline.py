@@ -107,13 +107,14 @@ def make_loss_fn(moe: MoEConfig | None):
 
     Logs carry per-layer expert load, router entropy and dropped fraction for the training table.
     """
-    from moebench.models.vlm import lm_loss, supervised_positions
+    from moebench.models.vlm import lm_loss, supervised_positions, supervised_rows
     from moebench.moe.upcycle import moe_blocks, moe_losses
 
     def loss_fn(model, batch):
         keep = supervised_positions(batch["labels"])  # the LM head runs at these positions only
         out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                    vision_features=batch.get("vision_features"), logits_to_keep=keep)
+                    vision_features=batch.get("vision_features"), logits_to_keep=keep,
+                    keep_rows=supervised_rows(batch["labels"]))  # and the last layer at each row's own
         supervised = (batch["labels"][:, 1:] != IGNORE).sum()  # the tokens lm_loss averages over
         lm = parallel.global_mean(lm_loss(out.logits, batch["labels"], keep), supervised)
         logs = {"lm_loss": lm.detach()}
