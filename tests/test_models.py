@@ -181,6 +181,12 @@ def test_pruned_last_layer_matches_the_full_layer(tokenizer, family):
         full_cache = DynamicCache(config=model.llm.config)
         model(ids, mask, pixels, positions, past_key_values=full_cache, use_cache=True)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    longest = int(batch["attention_mask"].sum(1).argmax())  # alone it has no padding: no mask at all
+    one = batch["input_ids"][longest: longest + 1]
+    with torch.no_grad():
+        alone = model(one, torch.ones_like(one), pixels[longest: longest + 1], logits_to_keep=1).logits[:, -1]
+        whole = model(one, torch.ones_like(one), pixels[longest: longest + 1]).logits[:, -1]
+    torch.testing.assert_close(alone, whole, rtol=1e-4, atol=1e-5)
     for (k, v), (k2, v2) in zip(cache_layers(cache), cache_layers(full_cache)):
         torch.testing.assert_close(k, k2)
         torch.testing.assert_close(v, v2)

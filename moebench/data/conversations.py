@@ -70,7 +70,7 @@ class Encoder:
     max_len: int = 512
     # text piece -> its ids. Tokenising is a pure function of the text, and the pieces repeat: a stage
     # shows each caption once per epoch, and the shapes world's questions come from a few templates.
-    # One tokenizer call costs about as much as a sample's share of a training step's data time.
+    # (Calling the tokenizer was most of a batch's assembly time in a profile of stage II.)
     memo: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     def ids(self, text: str) -> list[int]:
