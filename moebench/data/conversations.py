@@ -8,14 +8,16 @@ Only answers (and their </s>) are supervised; prompts and image tokens get label
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from moebench.errors import MissingFile, UserError
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE = -100
+MEMO_PIECES = 1 << 15  # the shapes world has ~6,600 distinct pieces per stage
 
 
 def read_conversations(path: Path, max_samples: int | None = None) -> list[dict]:
@@ -68,10 +70,14 @@ class Encoder:
     image_token_id: int
     system: str = ""
     max_len: int = 512
-    # text piece -> its ids. Tokenising is a pure function of the text, and the pieces repeat: a stage
-    # shows each caption once per epoch, and the shapes world's questions come from a few templates.
-    # (Calling the tokenizer was most of a batch's assembly time in a profile of stage II.)
-    memo: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        # text piece -> its ids, for the most recent MEMO_PIECES pieces. Tokenising is a pure function of the
+        # text, and the pieces repeat: a stage shows each caption once per epoch, and the shapes world's
+        # questions come from a few templates (calling the tokenizer was most of a batch's assembly time in
+        # a profile of stage II). Bounded, because a real instruction set's pieces are mostly distinct.
+        self._piece_ids = functools.lru_cache(maxsize=MEMO_PIECES)(
+            lambda piece: self.tokenizer(piece, add_special_tokens=False)["input_ids"])
 
     def ids(self, text: str) -> list[int]:
         """Token ids of `text`; each <image> becomes n_image_tokens image ids."""
@@ -80,9 +86,7 @@ class Encoder:
             if i:
                 out += [self.image_token_id] * self.n_image_tokens
             if piece:
-                if piece not in self.memo:
-                    self.memo[piece] = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-                out += self.memo[piece]
+                out += self._piece_ids(piece)
         return out
 
     def bos(self) -> list[int]:

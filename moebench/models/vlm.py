@@ -188,10 +188,11 @@ def prune_last_layer(llm: nn.Module) -> bool:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (Su et al. 2021) as transformers' Llama / Qwen2 apply it: x (B, H, N, D), cos / sin (B, N, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    """Rotary embedding as transformers' Llama / Qwen2 apply it, for queries and keys at different
+    positions: x (B, H, N, D), cos / sin (B, N, D)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
 def _pruned_layer(layer, hidden: torch.Tensor, rows: torch.Tensor, attention_mask, cache, position_embeddings):
