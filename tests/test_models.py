@@ -99,6 +99,16 @@ def test_batched_cached_greedy_matches_naive_reference(tokenizer):
     gen = greedy_generate(model, prompts, pixels, max_new_tokens=6, eos_id=eos, pad_id=tokenizer.pad_token_id)
     for i, p in enumerate(prompts):
         assert gen.tokens[i] == _naive_greedy(model, p, pixels[i: i + 1], 6, eos)
+    # prompts about one image share its row of pixels: the tower runs once per distinct image, same answers
+    index, seen = torch.tensor([1, 0, 1]), []
+    hook = model.vision_tower.register_forward_hook(lambda m, args, kw, out: seen.append(len(kw["pixel_values"])),
+                                                    with_kwargs=True)
+    shared = greedy_generate(model, prompts, pixels[:2], max_new_tokens=6, eos_id=eos, pad_id=tokenizer.pad_token_id,
+                             image_index=index)
+    hook.remove()
+    assert seen == [2]
+    for i, p in enumerate(prompts):
+        assert shared.tokens[i] == _naive_greedy(model, p, pixels[index[i]][None], 6, eos)
 
 
 def test_image_tokens_receive_projected_features(tokenizer):

@@ -2,7 +2,9 @@
 
 Positions count real tokens only and padded keys are masked, so a prompt's output does not depend on
 what else is in its batch. Timing: time to first token covers the vision tower, projector and prefill;
-the decode phase covers every later token. On CUDA the timed regions are synchronised.
+the decode phase covers every later token. On CUDA the timed regions are synchronised. Prompts about the
+same image (POPE asks 6 questions per image) may share one row of `pixel_values` through `image_index`:
+the vision tower then runs once per distinct image of the batch, inside the timed region.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ def _next(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None, *, max_new_tokens: int,
-                    eos_id: int, pad_id: int, image_features: torch.Tensor | None = None) -> Generation:
-    """`image_features` (already projected) replace `pixel_values`: then the timings cover the LLM only."""
+                    eos_id: int, pad_id: int, image_features: torch.Tensor | None = None,
+                    image_index: torch.Tensor | None = None) -> Generation:
+    """`image_features` (already projected) replace `pixel_values`: then the timings cover the LLM only.
+    `image_index` (B,): prompt i is about image `pixel_values[image_index[i]]` (default: the i-th)."""
     from transformers import DynamicCache
 
     device = (pixel_values if image_features is None else image_features).device
@@ -48,6 +52,8 @@ def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor 
     cache = DynamicCache(config=model.llm.config)
     _sync(device)
     t0 = time.perf_counter()
+    if image_index is not None and image_features is None:  # each distinct image through the tower once
+        image_features, pixel_values = model.image_features(pixel_values)[image_index.to(device)], None
     out = model(ids, mask, pixel_values, positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
                 image_features=image_features)
     nxt = _next(out.logits, model.image_token_id)  # (B,)

@@ -1,9 +1,9 @@
 """Evaluate a trained run on tasks: batched timed generation, metrics, metric and sample rows in Arrow.
 
 Data-parallel under torchrun (`torchrun --nproc-per-node N -m moebench eval ...`): every rank loads the
-model, takes every N-th sample still to do, and stores its finished samples in its own partial file;
-the records, timings and expert / skip counts of all ranks are gathered (all_gather_object), and rank
-0 scores them and writes the rows. Predictions do not depend on the batch a sample is in (tested), so
+model, takes every N-th image with samples still to do, and stores its finished samples in its own
+partial file; the records, timings and expert / skip counts of all ranks are gathered
+(all_gather_object), and rank 0 scores them and writes the rows. Predictions do not depend on the batch a sample is in (tested), so
 the metrics are those of one process.
 """
 
@@ -60,9 +60,10 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
 
     def run(batch: list[Sample]):
         prompts = [encoder.prompt(s.question + task.prompt_suffix) for s in batch]
-        pixels = torch.stack([image(s.image) for s in batch]).to(device)
-        gen = greedy_generate(model, prompts, pixels, max_new_tokens=max_new_tokens,
-                              eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+        rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in batch))}  # distinct images
+        pixels = torch.stack([image(path) for path in rows]).to(device)
+        gen = greedy_generate(model, prompts, pixels, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+                              pad_id=tokenizer.pad_token_id, image_index=torch.tensor([rows[s.image] for s in batch]))
         return prompts, gen
 
     w = parallel.world()
@@ -74,7 +75,12 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
     same: dict[tuple[Path, str], list[Sample]] = {}
     for s in todo:
         same.setdefault((s.image, s.question), []).append(s)
-    mine = [group[0] for group in same.values()][w.rank::w.size]  # this rank's share
+    # An image's questions go into one batch, which runs the vision tower once per distinct image in it
+    # (POPE: ~7 distinct questions per image). Ranks share the work by image.
+    by_image: dict[Path, list[Sample]] = {}
+    for group in same.values():
+        by_image.setdefault(group[0].image, []).append(group[0])
+    mine = [s for group in list(by_image.values())[w.rank::w.size] for s in group]  # this rank's share
     if mine:
         run(mine[:batch_size])  # warm-up, not timed
     ttfts, decode_s, decode_tokens, computed = [], 0.0, 0, []
