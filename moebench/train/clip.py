@@ -62,7 +62,6 @@ class ClipPretrainer(nn.Module):
                                   max_position_embeddings=64, projection_dim=proj_dim,
                                   pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id)
         self.text = CLIPTextModelWithProjection(text_cfg)
-        prune_text_last_layer(self.text)
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # (1,): FSDP2 shards no scalars
 
     def image_feature(self, pixel_values):
@@ -85,7 +84,7 @@ class ClipPretrainer(nn.Module):
             pixel_values = grayscale(pixel_values, self.gray_p)
         feat, patches = self._features(pixel_values)  # (B, d), (B, P, d)
         img = self.visual_projection(feat)  # (B, p)
-        txt = text_embeds(self.text, caption_ids, caption_mask)  # (B, p)
+        txt = self.text(input_ids=caption_ids, attention_mask=caption_mask).text_embeds  # (B, p)
         img, txt = nn.functional.normalize(img, dim=-1), nn.functional.normalize(txt, dim=-1)
         img, txt = gather_rows(img), gather_rows(txt)  # (B_global, p): the global batch's pairs
         loss = ClipLoss()(img, txt, self.logit_scale.exp().clamp(max=100))
@@ -107,67 +106,6 @@ class ClipPretrainer(nn.Module):
             loss = loss + self.grounding_weight * ground
             logs["ground_loss"] = ground.detach()
         return loss, logs
-
-
-def pooled_position(text, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B,) the position CLIP's text model pools: the first EOS (the highest token id when the config's
-    eos_token_id is 2, transformers' rule for checkpoints from before its PR #24773)."""
-    if text.text_model.eos_token_id == 2:
-        return input_ids.argmax(-1)
-    return (input_ids == text.text_model.eos_token_id).int().argmax(-1)
-
-
-def text_embeds(text, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, p) the text embeddings of `CLIPTextModelWithProjection`, its last layer computed at the pooled
-    position only (prune_text_last_layer)."""
-    last = text.text_model.encoder.layers[-1]
-    last.moebench_rows = pooled_position(text, input_ids)[:, None] if hasattr(last, "moebench_rows") else None
-    try:
-        return text(input_ids=input_ids, attention_mask=attention_mask).text_embeds
-    finally:
-        last.moebench_rows = None
-
-
-def prune_text_last_layer(text) -> None:
-    """Let the text tower's last layer compute only the position that is read.
-
-    CLIP's text embedding reads the last layer at one position per caption (the pooled EOS token), but the
-    layer runs its query, attention, output projection and MLP at every position. With `moebench_rows`
-    (B, 1) set (text_embeds sets it), the layer computes keys and values at all positions and the rest at
-    that one; the other positions of its output hold its input, which nothing reads. The embedding and
-    its gradients equal the full layer's (tests/test_clip_stage.py). On the shapes recipe's stage 0 (batch
-    32, 2 CPU threads) a forward and backward took 0.83x the full layer's time. As
-    moebench.models.vlm.prune_last_layer does for the LM's last decoder layer."""
-    layer = text.text_model.encoder.layers[-1]
-    layer.moebench_rows = None
-    full = layer.forward
-
-    def forward(hidden_states, attention_mask=None, **kwargs):
-        if layer.moebench_rows is None or not (attention_mask is None or torch.is_tensor(attention_mask)):
-            return full(hidden_states, attention_mask, **kwargs)
-        return _pruned_text_layer(layer, hidden_states, layer.moebench_rows.to(hidden_states.device), attention_mask)
-
-    layer.forward = forward
-
-
-def _pruned_text_layer(layer, hidden: torch.Tensor, rows: torch.Tensor, attention_mask) -> torch.Tensor:
-    """A CLIP encoder layer whose output is computed at `rows` (B, P) only (see prune_text_last_layer)."""
-    from moebench.models.vlm import mask_rows
-
-    attn = layer.self_attn
-    b, t, d = hidden.shape
-    p, hd = rows.shape[1], attn.head_dim
-    x = layer.layer_norm1(hidden)  # (B, T, d)
-    k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, D)
-    v = attn.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
-    pick = rows.unsqueeze(-1).expand(-1, -1, d)  # (B, P, d)
-    q = attn.q_proj(x.gather(1, pick)).view(b, p, -1, hd).transpose(1, 2)  # (B, H, P, D)
-    out = nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask_rows(attention_mask, rows, t, t),
-        dropout_p=attn.dropout if layer.training else 0.0, scale=attn.scale)  # (B, H, P, D)
-    h = hidden.gather(1, pick) + attn.out_proj(out.transpose(1, 2).reshape(b, p, -1))
-    h = h + layer.mlp(layer.layer_norm2(h))
-    return hidden.scatter(1, pick, h)
 
 
 def grayscale(pixel_values: torch.Tensor, p: float) -> torch.Tensor:
