@@ -3,8 +3,8 @@
 Data-parallel under torchrun (`torchrun --nproc-per-node N -m moebench eval ...`): every rank loads the
 model, takes every N-th image with samples still to do, and stores its finished samples in its own
 partial file; the records, timings and expert / skip counts of all ranks are gathered
-(all_gather_object), and rank 0 scores them and writes the rows. Predictions do not depend on the batch a sample is in (tested), so
-the metrics are those of one process.
+(all_gather_object), and rank 0 scores them and writes the rows. Predictions do not depend on the batch
+a sample is in (tested), so the metrics are those of one process.
 """
 
 from __future__ import annotations

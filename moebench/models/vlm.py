@@ -195,7 +195,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def mask_rows(attention_mask: torch.Tensor | None, rows: torch.Tensor, t: int, s: int) -> torch.Tensor:
+def _mask_rows(attention_mask: torch.Tensor | None, rows: torch.Tensor, t: int, s: int) -> torch.Tensor:
     """The attention mask's rows for queries at positions `rows` (B, P) of T, over S keys (the last T of
     them new): (B, 1 or H, P, S). A None mask (transformers leaves it out when attention is plainly causal)
     means key j is seen from position r when j <= r (+ the cached length S - T)."""
@@ -220,7 +220,7 @@ def _pruned_layer(layer, hidden: torch.Tensor, rows: torch.Tensor, attention_mas
     q = _rotate(q, cos.gather(1, pick.expand(-1, -1, hd)), sin.gather(1, pick.expand(-1, -1, hd)))
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
-    mask = mask_rows(attention_mask, rows, t, k.shape[2])
+    mask = _mask_rows(attention_mask, rows, t, k.shape[2])
     out = nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=attn.attention_dropout if layer.training else 0.0, scale=attn.scaling,
         enable_gqa=q.shape[1] != k.shape[1])  # (B, H, P, D)
