@@ -528,10 +528,10 @@ def analyze_routing(
 def data_shapes(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the world (default: the cache)."),
     seed: int = typer.Option(0, help="World seed."),
-    image_size: int = typer.Option(64, help="Image side in pixels."),
+    image_size: int = typer.Option(48, help="Image side in pixels."),
     n_train: int = typer.Option(6000, help="Training images."),
     n_val: int = typer.Option(1000, help="Held-out images."),
-    grid: int = typer.Option(4, help="Objects sit in a grid x grid layout of cells."),
+    grid: int = typer.Option(3, help="Objects sit in a grid x grid layout of cells."),
 ):
     """Generate the embedded shapes world (COCO, LLaVA, GQA, POPE, label maps) and print where it is."""
     from moebench.data.shapes import WorldSpec, ensure_world

@@ -92,8 +92,8 @@ class WorldConfig:
     """The embedded shapes world (used when data.source is 'shapes')."""
 
     seed: int = 0
-    image_size: int = 64
-    grid: int = 4
+    image_size: int = 48
+    grid: int = 3
     n_train: int = 6000
     n_val: int = 1000
 

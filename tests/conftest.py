@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A tiny variant of the shipped main job: same stages and code paths, toy sizes and few steps.
 TINY = [
-    "data.world.n_train=200", "data.world.n_val=900", "data.world.image_size=32",
+    "data.world.n_train=200", "data.world.n_val=900", "data.world.image_size=32", "data.world.grid=4",
     "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.hidden_size=32",
     "model.vision.layers=2", "model.vision.heads=2", "model.vision.intermediate_size=64",
     "model.llm.hidden_size=32", "model.llm.layers=2", "model.llm.heads=2", "model.llm.kv_heads=1",

@@ -35,9 +35,9 @@ def coco(world, split):
 
 def test_default_cache_dir_honours_moebench_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MOEBENCH_CACHE", str(tmp_path))
-    assert shapes.default_cache_dir() == tmp_path / "shapes" / f"v{shapes.WORLD_VERSION}-seed0-64px-grid4-6000-1000"
+    assert shapes.default_cache_dir() == tmp_path / "shapes" / f"v{shapes.WORLD_VERSION}-seed0-48px-grid3-6000-1000"
     spec = shapes.WorldSpec(seed=3, n_train=2, n_val=8, pope_images=1)
-    assert shapes.default_cache_dir(spec) == tmp_path / "shapes" / f"v{shapes.WORLD_VERSION}-seed3-64px-grid4-2-8"
+    assert shapes.default_cache_dir(spec) == tmp_path / "shapes" / f"v{shapes.WORLD_VERSION}-seed3-48px-grid3-2-8"
     assert shapes.ensure_world(spec, progress=False) == shapes.default_cache_dir(spec)
     assert (shapes.default_cache_dir(spec) / "manifest.json").is_file()
 
@@ -69,8 +69,9 @@ def test_coco_masks_agree_with_label_maps_and_pixels(world):
             info = api.imgs[image_id]
             pixels = np.asarray(Image.open(world / "coco" / f"{split}2014" / info["file_name"]))
             labels = np.asarray(Image.open(world / "seg" / f"{split}2014" / info["file_name"]))
-            assert pixels.shape == (64, 64, 3) and labels.dtype == np.uint8
-            expected = np.zeros((64, 64), np.uint8)
+            side = SMALL.image_size
+            assert pixels.shape == (side, side, 3) and labels.dtype == np.uint8
+            expected = np.zeros((side, side), np.uint8)
             anns = api.loadAnns(api.getAnnIds(imgIds=image_id))
             assert 2 <= len(anns) <= 5
             for ann in anns:
@@ -81,7 +82,7 @@ def test_coco_masks_agree_with_label_maps_and_pixels(world):
                 assert ann["size"] in shapes.SIZES and ann["iscrowd"] == 0
             assert (labels == expected).all()
             assert (pixels[expected == 0] == shapes.BACKGROUND).all()
-            cell = 64 / SMALL.grid  # every object sits inside its own grid cell (= one 16 px patch)
+            cell = SMALL.image_size / SMALL.grid  # every object sits inside its own grid cell (= one 16 px patch)
             cells = [(int(x // cell), int(y // cell), int((x + w - 1e-6) // cell), int((y + h - 1e-6) // cell))
                      for x, y, w, h in (a["bbox"] for a in anns)]
             assert all(c[0] == c[2] and c[1] == c[3] for c in cells)
@@ -191,7 +192,7 @@ def test_gqa_answers_are_true(world):
             (xa,), (xb,) = ([x for c, s, x in scene if name in (s, f"{c} {s}")] for name in m.groups())
             assert answer == ("left" if xa < xb else "right")
     graph = graphs["shapes_val_000000"]
-    assert graph["width"] == graph["height"] == 64 and len(graph["objects"]) == len(objs["shapes_val_000000"])
+    assert graph["width"] == graph["height"] == SMALL.image_size and len(graph["objects"]) == len(objs["shapes_val_000000"])
     for obj in graph["objects"].values():
         assert obj["name"] in shapes.SHAPES and obj["attributes"][0] in shapes.COLORS
         assert {r["name"] for r in obj["relations"]} <= {"to the left of", "to the right of"}

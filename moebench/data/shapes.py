@@ -33,7 +33,8 @@ from PIL import Image
 from moebench.data import pope
 from moebench.errors import MissingFile, UserError
 
-WORLD_VERSION = 3  # 2: VQAv2, TextVQA and ScienceQA files; 3: single-turn stage-II data with POPE-style questions
+WORLD_VERSION = 4  # 2: VQAv2, TextVQA and ScienceQA files; 3: single-turn stage-II data with POPE-style questions;
+# 4: stage II has 2 GQA-type questions per image (was 5), so existence is 3/4 of it
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "semicircle", "bar")
 COLORS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 90, 240),
           "yellow": (240, 230, 40), "purple": (160, 50, 210), "orange": (250, 130, 0)}
@@ -46,7 +47,7 @@ CAPTION_PROMPTS = ("Describe the image briefly.", "Give a short description of t
                    "What objects are in the picture?", "List the objects in the image.")
 KINDS = ("existence", "color", "shape", "count", "relation")  # GQA "detailed" types
 FOLDERS = {"train": "train2014", "val": "val2014"}
-QA_PER_IMAGE = 5  # GQA-type stage-II questions per training image, one conversation each
+QA_PER_IMAGE = 2  # GQA-type stage-II questions per training image, one conversation each
 EXIST_PER_IMAGE = 4  # and POPE-style shape existence questions: 2 present shapes (fewer if fewer), 2 absent
 GQA_PER_IMAGE = 2
 
@@ -54,8 +55,8 @@ GQA_PER_IMAGE = 2
 @dataclass(frozen=True)
 class WorldSpec:
     seed: int = 0
-    image_size: int = 64
-    grid: int = 4  # objects sit in a grid x grid layout of cells (one cell = one 16 px vision patch at 64 px)
+    image_size: int = 48
+    grid: int = 3  # objects sit in a grid x grid layout of cells (one cell = one 16 px vision patch at 48 px)
     n_train: int = 6000
     n_val: int = 1000
     min_objects: int = 2
