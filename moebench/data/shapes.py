@@ -33,8 +33,9 @@ from PIL import Image
 from moebench.data import pope
 from moebench.errors import MissingFile, UserError
 
-WORLD_VERSION = 4  # 2: VQAv2, TextVQA and ScienceQA files; 3: single-turn stage-II data with POPE-style questions;
-# 4: stage II has 2 GQA-type questions per image (was 5), so existence is 3/4 of it
+WORLD_VERSION = 5  # 2: VQAv2, TextVQA and ScienceQA files; 3: single-turn stage-II data with POPE-style questions;
+# 4: stage II has 2 GQA-type questions per image (was 5), so existence is 3/4 of it; 5: one GQA question per
+# held-out image (was 2; the training data is unchanged)
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "semicircle", "bar")
 COLORS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 90, 240),
           "yellow": (240, 230, 40), "purple": (160, 50, 210), "orange": (250, 130, 0)}
@@ -49,7 +50,7 @@ KINDS = ("existence", "color", "shape", "count", "relation")  # GQA "detailed" t
 FOLDERS = {"train": "train2014", "val": "val2014"}
 QA_PER_IMAGE = 2  # GQA-type stage-II questions per training image, one conversation each
 EXIST_PER_IMAGE = 4  # and POPE-style shape existence questions: 2 present shapes (fewer if fewer), 2 absent
-GQA_PER_IMAGE = 2
+GQA_PER_IMAGE = 1  # held-out GQA questions per image: 1,000 on the default world
 
 
 @dataclass(frozen=True)
