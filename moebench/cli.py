@@ -527,16 +527,19 @@ def analyze_routing(
 @data_app.command("shapes")
 def data_shapes(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the world (default: the cache)."),
-    seed: int = typer.Option(0, help="World seed."),
-    image_size: int = typer.Option(48, help="Image side in pixels."),
-    n_train: int = typer.Option(6000, help="Training images."),
-    n_val: int = typer.Option(1000, help="Held-out images."),
-    grid: int = typer.Option(3, help="Objects sit in a grid x grid layout of cells."),
+    seed: Optional[int] = typer.Option(None, help="World seed."),
+    image_size: Optional[int] = typer.Option(None, help="Image side in pixels."),
+    n_train: Optional[int] = typer.Option(None, help="Training images."),
+    n_val: Optional[int] = typer.Option(None, help="Held-out images."),
+    grid: Optional[int] = typer.Option(None, help="Objects sit in a grid x grid layout of cells."),
 ):
-    """Generate the embedded shapes world (COCO, LLaVA, GQA, POPE, label maps) and print where it is."""
+    """Generate the embedded shapes world (COCO, LLaVA, GQA, POPE, label maps) and print where it is.
+
+    Options left out take the defaults of a recipe's `data.world`: the world the shapes recipes train on."""
     from moebench.data.shapes import WorldSpec, ensure_world
 
-    root = ensure_world(WorldSpec(seed=seed, image_size=image_size, grid=grid, n_train=n_train, n_val=n_val), root=out_dir)
+    given = {"seed": seed, "image_size": image_size, "grid": grid, "n_train": n_train, "n_val": n_val}
+    root = ensure_world(WorldSpec(**{k: v for k, v in given.items() if v is not None}), root=out_dir)
     out.print(str(root))
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moebench.config import WorldConfig
 from moebench.data import pope
 from moebench.errors import MissingFile, UserError
 
@@ -55,11 +56,13 @@ GQA_PER_IMAGE = 1  # held-out GQA questions per image: 1,000 on the default worl
 
 @dataclass(frozen=True)
 class WorldSpec:
-    seed: int = 0
-    image_size: int = 48
-    grid: int = 3  # objects sit in a grid x grid layout of cells (one cell = one 16 px vision patch at 48 px)
-    n_train: int = 6000
-    n_val: int = 1000
+    """A recipe's `data.world` (WorldConfig, whose defaults these are) plus the fixed generation settings."""
+
+    seed: int = WorldConfig.seed
+    image_size: int = WorldConfig.image_size
+    grid: int = WorldConfig.grid  # objects sit in a grid x grid layout of cells (one cell = one 16 px vision patch)
+    n_train: int = WorldConfig.n_train
+    n_val: int = WorldConfig.n_val
     min_objects: int = 2
     max_objects: int = 5
     pope_images: int = 500  # POPE images per split, drawn from val

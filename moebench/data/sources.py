@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -26,9 +27,7 @@ def resolve(source: str | None, world: WorldConfig, progress: bool = True) -> Da
     if source == "shapes":
         from moebench.data.shapes import WorldSpec, ensure_world, world_hash
 
-        spec = WorldSpec(seed=world.seed, image_size=world.image_size, grid=world.grid, n_train=world.n_train,
-                         n_val=world.n_val)
-        root = ensure_world(spec, progress=progress)
+        root = ensure_world(WorldSpec(**dataclasses.asdict(world)), progress=progress)
         return DataSource(root=root, name=f"shapes-v{_world_version()}-seed{world.seed}", hash=world_hash(root))
     root = Path(source).expanduser()
     if not root.is_dir():
