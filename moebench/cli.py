@@ -32,15 +32,25 @@ NPROC = typer.Option(None, "--nproc", min=1, help="Run in N processes on this ma
                                                      "data parallel, DDP or FSDP2 as the recipe's `distributed:` says.")
 
 
-def _repo_dir(name: str) -> Path:
-    return Path(__file__).resolve().parents[1] / name
+def _version(value: bool) -> None:
+    if value:
+        from moebench import __version__
+
+        print(f"moebench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print moebench's version and exit.")):
+    """(Options before the command.) `--version` is eager: it prints and exits before any command runs."""
 
 
 @app.command()
 def train(
-    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/shapes_dense.yaml."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML or bundled recipe name, e.g. recipes/shapes_dense.yaml or shapes_dense."),
     overrides: Optional[list[str]] = typer.Argument(
-        None, help="More recipe YAMLs, trained in order in this process, then key=value overrides for every "
+        None, help="More recipes (files or bundled names), trained in order in this process, then key=value overrides for every "
                    "recipe, e.g. stages.finetune.lr=1e-4 seed=1."),
     runs: Path = RUNS,
     results: Path = RESULTS,
@@ -54,17 +64,19 @@ def train(
     Several recipes (`moebench train recipes/shapes_dense.yaml recipes/shapes_moe.yaml`) train one after
     the other in one process; a variant reuses the stages it shares with the recipes before it.
     Multi-GPU: `torchrun --nproc-per-node N -m moebench train RECIPE` (or --nproc N on one machine)."""
+    from moebench.bundled import find_yaml, names_a_recipe
     from moebench.config import load_recipe
 
     paths, sets = [recipe], []
     for arg in overrides or []:
-        if "=" in arg or Path(arg).suffix not in (".yaml", ".yml"):
+        if not names_a_recipe(arg):
             sets.append(arg)  # load_recipe names a malformed one
         elif sets:
             raise UserError(f"recipe {arg} comes after the overrides; put every recipe first, then the key=value overrides")
         else:
             paths.append(Path(arg))
-    recs = [load_recipe(p, sets) for p in paths]  # a bad recipe fails here, before anything trains
+    paths = [find_yaml(p) for p in paths]  # files, for the torchrun workers too
+    recs = [load_recipe(p, sets) for p in paths]  # a bad recipe (or task) fails here, before anything trains
     vision = [p for p, r in zip(paths, recs) if getattr(r, "kind", None) == "vision"]
     if vision and (_world_size() > 1 or (nproc or 1) > 1):
         raise UserError(f"{vision[0]} is a vision (ViMoE) recipe; those train in one process: drop --nproc / torchrun")
@@ -243,7 +255,7 @@ def compare(
 
 @app.command()
 def ci(
-    recipes: list[Path] = typer.Argument(..., help="Recipes to train and evaluate, e.g. recipes/shapes_*.yaml."),
+    recipes: list[Path] = typer.Argument(..., help="Recipes (files or bundled names) to train and evaluate, e.g. recipes/shapes_*.yaml."),
     baseline: Path = typer.Option(..., "--baseline", help="Baseline metrics table, e.g. results/baselines/cpu-shapes.arrow."),
     update_baseline: bool = typer.Option(False, "--update-baseline", help="Write the results as the new baseline instead of comparing."),
     runs: Path = RUNS,
@@ -285,17 +297,19 @@ def ci(
 
 
 @app.command()
-def validate(recipes: list[Path] = typer.Argument(..., help="Recipe YAML files (or task YAML files) to check.")):
-    """Check recipes (and task files) without running them: keys, types, allowed values."""
+def validate(recipes: list[Path] = typer.Argument(..., help="Recipe or task YAML files, or bundled recipe / task names, to check.")):
+    """Check recipes (and task files) without running them: keys, types, allowed values, the tasks a recipe names."""
+    from moebench.bundled import find_yaml
     from moebench.config import load_recipe
-    from moebench.eval.tasks import load_task
+    from moebench.eval.tasks import is_task_file, load_task
 
-    for path in recipes:
-        if path.parent.name == "tasks":
+    for arg in recipes:
+        path = find_yaml(arg, ("recipes", "tasks"))
+        if is_task_file(path):
             load_task(str(path))
         else:
             load_recipe(path)
-        out.print(f"[green]ok[/] {path}")
+        out.print(f"[green]ok[/] {arg}")
 
 
 @app.command()
@@ -324,7 +338,7 @@ def report(
 
 @app.command()
 def plan(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (real recipes too: no weights are loaded or downloaded)."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML or bundled name (real recipes too: no weights are loaded or downloaded)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. moe.top_k=1."),
     text_tokens: int = typer.Option(128, "--text-tokens", min=0, help="Text tokens after the image, for attention FLOPs."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
@@ -410,7 +424,7 @@ def bench_moe_layer(
 
 @bench_app.command("stgc")
 def bench_stgc(
-    recipe: Path = typer.Argument(Path("recipes/shapes_stgc.yaml"), help="An MoE or STGC recipe (its stage-III data and settings)."),
+    recipe: Path = typer.Argument(Path("shapes_stgc"), help="An MoE or STGC recipe, file or bundled name (its stage-III data and settings)."),
     model: Optional[Path] = typer.Option(None, "--model", help="A trained run or stage model dir; default: the recipe's model upcycled at init."),
     steps: int = typer.Option(8, min=1, help="Batches (each timed once per mode)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Conversations per batch."),
@@ -545,19 +559,22 @@ def data_shapes(
 
 @app.command("ls")
 def ls():
-    """List the shipped recipes and tasks."""
+    """List the bundled recipes and tasks; name one without a path (`moebench train shapes_dense`)."""
     from rich.table import Table
 
+    from moebench.bundled import bundled_dir, bundled_names
     from moebench.eval.tasks import load_task, task_names
 
-    t = Table(title="recipes")
+    folder = bundled_dir("recipes")
+    t = Table(title="recipes", caption=f"bundled in {folder}")
     t.add_column("recipe")
     t.add_column("command")
-    for p in sorted(_repo_dir("recipes").glob("*.yaml")):
-        first = p.read_text().splitlines()[0].lstrip("# ").strip() if p.read_text() else ""
-        t.add_row(str(p.relative_to(_repo_dir("recipes").parent)), first)
+    for name in bundled_names("recipes"):
+        lines = (folder / f"{name}.yaml").read_text().splitlines()
+        first = lines[0].lstrip("# ").strip() if lines else ""
+        t.add_row(name, first.replace(f"recipes/{name}.yaml", name))  # the name works from any folder
     out.print(t)
-    t = Table(title="tasks")
+    t = Table(title="tasks", caption=f"bundled in {bundled_dir('tasks')}")
     for c in ("task", "version", "description"):
         t.add_column(c)
     for name in task_names():

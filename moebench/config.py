@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from moebench.bundled import bundled_file, find_yaml
 from moebench.errors import MissingFile, UserError
 from moebench.registry import did_you_mean
 
@@ -415,7 +416,8 @@ def _merge(base: dict, child: dict) -> dict:
 
 
 def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The recipe mapping of `path`, with its `extends:` chain resolved (paths relative to the file)."""
+    """The recipe mapping of `path`, with its `extends:` chain resolved (paths relative to the file, else
+    a bundled recipe's name)."""
     if not path.is_file():
         raise MissingFile(path, "recipe file", "see `moebench ls` for the shipped recipes")
     try:
@@ -430,7 +432,10 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
-    base_path = (path.parent / str(parent)).resolve()
+    base_path = path.parent / str(parent)
+    if not base_path.is_file():  # a copy of a bundled recipe, outside the bundled folder, names its base
+        base_path = bundled_file("recipes", str(parent)) or base_path
+    base_path = base_path.resolve()
     if base_path in seen:
         raise UserError(f"{path}: `extends: {parent}` makes a cycle")
     base = _read_raw(base_path, (*seen, path.resolve()))
@@ -473,9 +478,9 @@ class VisionRecipe:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe | VisionRecipe:
     """Read a recipe YAML (following `extends:`), apply key=value overrides, type-check and validate.
-    `kind: vision` makes it a ViMoE recipe."""
-    path = Path(path)
-    raw = _read_raw(path)
+    `path` is a file or the name of a bundled recipe (`shapes_dense`). `kind: vision` makes it a ViMoE
+    recipe."""
+    raw = _read_raw(find_yaml(path))
     for o in overrides:
         apply_override(raw, o)
     if raw.get("kind") == "vision":
@@ -484,7 +489,19 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe | VisionR
         return recipe
     recipe = from_dict(Recipe, raw)
     validate(recipe)
+    _check_tasks(recipe.eval.tasks)
     return recipe
+
+
+def _check_tasks(names: list[str]) -> None:
+    """Every task in eval.tasks loads (names known, task files valid), so a recipe fails before training."""
+    from moebench.eval.tasks import load_task  # that module imports this one
+
+    for name in names:
+        try:
+            load_task(name)
+        except UserError as e:
+            raise UserError(f"{e} (recipe key eval.tasks)") from None
 
 
 def validate(recipe: Recipe) -> None:

@@ -13,9 +13,11 @@ readers glob them all and `latest_rows` picks the newest row per key after a re-
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import secrets
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +29,10 @@ import pyarrow.ipc
 from moebench.errors import MissingFile, UserError
 from moebench.faults import fault_point
 
-SCHEMA_VERSION = 2  # 2: metrics gained `extra` (variant statistics)
+# 2: metrics gained `extra` (variant statistics)
+# 3: metrics gained `torch_version` and `transformers_version` (provenance, beside `moebench_version`);
+#    files of versions 1 and 2 read with those columns null. Samples and train tables are unchanged.
+SCHEMA_VERSION = 3
 
 _str, _f64, _i64 = pa.string(), pa.float64(), pa.int64()
 
@@ -66,6 +71,8 @@ METRICS_SCHEMA = _schema("metrics", [
     ("seed", _i64, True),
     ("git_commit", _str, True),
     ("moebench_version", _str, True),
+    ("torch_version", _str, True),  # torch.__version__ with its build tag, e.g. 2.14.1+cu130
+    ("transformers_version", _str, True),
     ("recipe", _str, True),
     ("recipe_hash", _str, True),
     ("timestamp", _str, False),  # ISO-8601 UTC, see utc_now()
@@ -111,6 +118,37 @@ JSON_COLUMNS = ("params_detail", "extra")  # dict / list values are serialised w
 def utc_now() -> str:
     """The current time as ISO-8601 UTC with microseconds, e.g. 2025-01-31T12:00:00.000001+00:00."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _installed_version(module: str) -> str | None:
+    """`module.__version__` if it is imported (the code that ran), else the installed distribution's
+    version (no import), else None."""
+    mod = sys.modules.get(module)
+    version = getattr(mod, "__version__", None) if mod is not None else None
+    if version is not None:
+        return str(version)
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def software_versions() -> dict[str, str | None]:
+    """The provenance columns of a metrics row: moebench, torch and transformers versions.
+
+    The one place that gathers them; every writer of metrics rows spreads this into its rows. torch is
+    imported here if it is not yet (every writer runs torch anyway): its `__version__` carries the build
+    tag (`+cu130`, `+cpu`) that the distribution metadata may lack. transformers is not imported just
+    for this; its distribution version is the same string."""
+    from moebench import __version__
+
+    if "torch" not in sys.modules:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            pass
+    return {"moebench_version": __version__, "torch_version": _installed_version("torch"),
+            "transformers_version": _installed_version("transformers")}
 
 
 def _schema_for(kind: str) -> pa.Schema:

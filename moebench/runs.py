@@ -64,9 +64,14 @@ def latest_run(runs_dir: Path) -> RunInfo:
 
 
 def git_commit() -> str:
+    """The commit of the checkout moebench runs from; "" for an installed copy, also one installed into
+    a virtualenv inside some other repository (its files are not tracked there)."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() if out.returncode == 0 else ""
+        for cmd in (["git", "ls-files", "--error-unmatch", Path(__file__).name], ["git", "rev-parse", "--short", "HEAD"]):
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=here)
+            if out.returncode != 0:
+                return ""
+        return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""

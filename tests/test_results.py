@@ -1,6 +1,8 @@
 """Results files: schema, atomic writes, concurrent writers, reading back, latest rows."""
 
 import multiprocessing
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -21,6 +23,13 @@ def test_schemas_have_expected_columns():
     assert R.SAMPLES_SCHEMA.field("question_id").type == pa.string()
     assert R.TRAIN_SCHEMA.field("step").type == pa.int64()
     assert set(R.SCHEMAS) == {"metrics", "samples", "train"}
+    names = R.METRICS_SCHEMA.names  # provenance together: commit, then the software versions
+    i = names.index("git_commit")
+    assert names[i: i + 4] == ["git_commit", "moebench_version", "torch_version", "transformers_version"]
+    for c in ("torch_version", "transformers_version"):
+        assert R.METRICS_SCHEMA.field(c).type == pa.string() and R.METRICS_SCHEMA.field(c).nullable
+    assert R.METRICS_SCHEMA.metadata[b"moebench.schema_version"] == str(R.SCHEMA_VERSION).encode()
+    assert R.SCHEMA_VERSION == 3
 
 
 def test_round_trip(tmp_path):
@@ -164,3 +173,54 @@ def test_latest_rows():
                            metric_row(value=2.0, timestamp="2025-01-01T00:00:00Z")], R.METRICS_SCHEMA)
     assert R.latest_rows(tie).column("value").to_pylist() == [2.0]
     assert R.latest_rows(R.METRICS_SCHEMA.empty_table()).num_rows == 0
+
+
+# ----------------------------------------------------------------------------- provenance (schema 3)
+
+V2_DROPPED = ("torch_version", "transformers_version")  # the columns schema version 3 added
+
+
+def test_software_versions_are_those_of_the_running_modules(monkeypatch):
+    import torch
+    import transformers
+
+    import moebench
+
+    v = R.software_versions()
+    assert v == {"moebench_version": moebench.__version__, "torch_version": torch.__version__,
+                 "transformers_version": transformers.__version__}
+    # not imported: the installed distribution's version, read without importing it
+    monkeypatch.delitem(sys.modules, "transformers")
+    assert R.software_versions()["transformers_version"] == transformers.__version__
+    assert "transformers" not in sys.modules
+    assert R._installed_version("no_such_package_moebench_test") is None
+    # the keys fit the metrics schema as they are
+    R.rows_to_table([metric_row(**v)], R.METRICS_SCHEMA)
+
+
+def test_schema_2_tables_read_with_null_versions(tmp_path):
+    """A file written before schema 3 (no torch / transformers columns) reads beside new ones."""
+    meta = {b"moebench.kind": b"metrics", b"moebench.schema_version": b"2"}
+    v2 = pa.schema([f for f in R.METRICS_SCHEMA if f.name not in V2_DROPPED], metadata=meta)
+    R.write_table([metric_row(run="old", moebench_version="0.1.0", git_commit="abc1234")], v2,
+                  tmp_path / "old" / "metrics-old.arrow")
+    R.append_rows(tmp_path, "metrics", "new", [metric_row(run="new", **R.software_versions())])
+    table = R.read_table(tmp_path, "metrics")
+    assert table.schema.equals(R.METRICS_SCHEMA)
+    rows = {r["run"]: r for r in R.latest_rows(table).to_pylist()}
+    assert rows["old"]["moebench_version"] == "0.1.0" and rows["old"]["git_commit"] == "abc1234"
+    assert rows["old"]["torch_version"] is None and rows["old"]["transformers_version"] is None
+    assert rows["new"]["torch_version"] and rows["new"]["transformers_version"]
+
+
+def test_committed_baseline_reads_and_rewrites_with_null_versions(tmp_path):
+    """results/baselines/cpu-shapes.arrow (schema 2) through the gate's reader, and back out as
+    `moebench ci --update-baseline` writes it."""
+    from moebench.compare import read_baseline, write_baseline
+
+    path = Path(__file__).resolve().parents[1] / "results" / "baselines" / "cpu-shapes.arrow"
+    rows = read_baseline(path)
+    assert len(rows) == 84 and all(r["moebench_version"] == "0.1.0" for r in rows)
+    assert all(r["torch_version"] is None and r["transformers_version"] is None for r in rows)
+    again = read_baseline(write_baseline(rows, tmp_path / "baseline.arrow"))
+    assert again == rows

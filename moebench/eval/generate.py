@@ -54,7 +54,7 @@ def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor 
     t0 = time.perf_counter()
     if image_index is not None and image_features is None:  # each distinct image through the tower once
         image_features, pixel_values = model.image_features(pixel_values)[image_index.to(device)], None
-    out = model(ids, mask, pixel_values, positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+    out = model(ids, mask, pixel_values, positions, cache=cache, use_cache=True, logits_to_keep=1,
                 image_features=image_features)
     nxt = _next(out.logits, model.image_token_id)  # (B,)
     if getattr(model, "roe", None) is not None:
@@ -68,7 +68,7 @@ def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor 
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(nxt[:, None], mask, None, positions, past_key_values=cache, use_cache=True)
+        out = model(nxt[:, None], mask, None, positions, cache=cache, use_cache=True)
         nxt = _next(out.logits, model.image_token_id).masked_fill(done, pad_id)
         done |= nxt == eos_id
         steps.append(nxt)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moebench import __version__, results
+from moebench import results
 from moebench import distributed as parallel
 from moebench.data.conversations import Encoder
 from moebench.data.sources import DataSource, file_hash, resolve
@@ -208,7 +208,7 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
         "run": run.name, "variant": recipe.variant, "params_total": params["total"],
         "params_activated": params["activated"], "params_detail": params, "device": _device_name(device),
         "dtype": dtype, "batch_size": batch_size, "threads": torch.get_num_threads(), "seed": recipe.seed,
-        "git_commit": run.git_commit, "moebench_version": __version__, "recipe": recipe.name,
+        "git_commit": run.git_commit, **results.software_versions(), "recipe": recipe.name,
         "recipe_hash": run.recipe_hash,
     }
     all_rows = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moebench import __version__, results
+from moebench import results
 from moebench.errors import MissingFile, UserError
 
 ANSWER_KEYS = ("answer", "text", "prediction", "pred")
@@ -81,8 +81,10 @@ def score_predictions(task_name: str, predictions: Path, *, data_root: Path, dat
     run = name or Path(predictions).stem
     stamp = results.utc_now()
     dh = data_hash or _questions_hash(task, data_root)
+    # The versions installed here: moebench's metrics scored these predictions, whatever produced them.
+    versions = results.software_versions()
     rows = [{**r, "run": run, "task": task.name, "dataset": data_name, "dataset_hash": dh,
-             "task_version": task.version, "normalizer": task.normalizer or None, "moebench_version": __version__,
+             "task_version": task.version, "normalizer": task.normalizer or None, **versions,
              "extra": {"scored_file": str(predictions), "missing_predictions": missing}, "timestamp": stamp}
             for r in metric_rows]
     results.append_rows(results_dir, "metrics", run, rows)

@@ -1,4 +1,5 @@
-"""Evaluation tasks: declarative YAML files in tasks/ (with a `version`) and the loaders they name.
+"""Evaluation tasks: declarative YAML files in tasks/ (with a `version`; installed as moebench.tasks)
+and the loaders they name.
 
 A loader turns a task + data root into samples; the same loader reads the official files of a real
 data root and the embedded world, which is written in the same formats and layout.
@@ -7,12 +8,13 @@ data root and the embedded world, which is written in the same formats and layou
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from moebench.config import from_dict
+from moebench.bundled import bundled_file, bundled_names
+from moebench.config import Recipe, VisionRecipe, from_dict
 from moebench.errors import MissingFile, UserError
 from moebench.registry import Registry, did_you_mean
 
@@ -48,20 +50,29 @@ class Sample:
     target: str | list[str]  # one answer, or VQA's 10 annotator answers
 
 
-def tasks_dir() -> Path:
-    """The repository's tasks/ folder (the package is installed in editable mode from the checkout)."""
-    return Path(__file__).resolve().parents[2] / "tasks"
-
-
 def task_names() -> list[str]:
-    return sorted(p.stem for p in tasks_dir().glob("*.yaml"))
+    """The bundled tasks (the checkout's tasks/ folder, installed as moebench.tasks)."""
+    return bundled_names("tasks")
+
+
+def is_task_file(path: Path) -> bool:
+    """Whether the YAML file at `path` is a task rather than a recipe: it has a key only tasks have
+    (loader, metric, splits, ...). Told by content, so a task file may live in any folder."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False  # the recipe loader reports what is wrong with the file
+    if not isinstance(raw, dict):
+        return False
+    recipe_keys = {f.name for cls in (Recipe, VisionRecipe) for f in fields(cls)} | {"extends"}
+    return bool(({f.name for f in fields(TaskConfig)} - recipe_keys) & raw.keys())
 
 
 def load_task(name_or_path: str) -> TaskConfig:
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = tasks_dir() / f"{name_or_path}.yaml"
-    if not path.is_file():
+    if path.suffix not in (".yaml", ".yml"):  # a name: a bundled task
+        path = bundled_file("tasks", name_or_path)
+    if path is None or not path.is_file():
         raise UserError(f"unknown task {name_or_path!r}{did_you_mean(name_or_path, task_names())}; known: {', '.join(task_names())}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}

@@ -103,7 +103,6 @@ def upcycle(llm: nn.Module, cfg: MoEConfig, *, implementation: str | None = None
         if block.shared_gate is not None:
             block.shared_gate.to(_dtype(mlp))
         layers[i].mlp = block
-    llm.moebench_routed = [b for _, b in moe_blocks(llm)]  # the VLM gives these its token mask each forward
     return indices
 
 
@@ -111,11 +110,6 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, MoEBlock]]:
     """(decoder layer index, block) for every MoE block of a VLM or an LLM."""
     llm = getattr(model, "llm", model)
     return [(i, layer.mlp) for i, layer in enumerate(decoder_layers(llm)) if isinstance(layer.mlp, MoEBlock)]
-
-
-def set_token_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
-    for _, block in moe_blocks(model):
-        block.token_mask = mask
 
 
 def moe_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -100,7 +100,7 @@ class RoELayer(nn.Module):
         """The wrapped layer on the examples `idx` (None = all), with their slice of the masks."""
         if idx is None:
             self.calls += h.shape[0]
-            return self.layer(h, past_key_values=cache, **kwargs)
+            return self.layer(h, cache=cache, **kwargs)
         sub = dict(kwargs)
         for key in ("attention_mask", "position_ids"):
             if torch.is_tensor(sub.get(key)) and sub[key].shape[0] == h.shape[0]:
@@ -109,12 +109,14 @@ class RoELayer(nn.Module):
         if pe is not None and pe[0].shape[0] == h.shape[0]:
             sub["position_embeddings"] = tuple(p[idx] for p in pe)
         self.calls += int(idx.numel())
-        return self.layer(h[idx], past_key_values=cache, **sub)
+        return self.layer(h[idx], cache=cache, **sub)
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, cache=None, **kwargs) -> torch.Tensor:
+        """Called by the LM's decoder loop with the wrapped layer's arguments; `cache` is the model's
+        transformers `Cache`, the rest (masks, positions, rotary embeddings) pass through unchanged."""
         ctx, h = self.ctx, hidden_states
         if ctx.mode == "dense":
-            return self._run(h, None, kwargs, past_key_values)
+            return self._run(h, None, kwargs, cache)
         if ctx.routing:
             logits = self.route_logits(h)
             if ctx.mode == "soft":
@@ -129,15 +131,15 @@ class RoELayer(nn.Module):
             else:
                 run = logits.argmax(-1) == 0  # (B,) run
                 ctx.skip_probs.append((~run).float())
-            self._decide(run, past_key_values, count=ctx.mode == "hard")
+            self._decide(run, cache, count=ctx.mode == "hard")
         if self.all_run:  # the whole batch runs: the model's own cache at this layer's index, as dense
-            return self._run(h, None, kwargs, past_key_values)
+            return self._run(h, None, kwargs, cache)
         if self.none_run:
             return self.shortcut(h)
         out = torch.empty_like(h).index_copy(0, self.skip_idx, self.shortcut(h[self.skip_idx]))
         return out.index_copy(0, self.run_idx, self._run(h, self.run_idx, kwargs, self.cache))
 
-    def _decide(self, run_mask: torch.Tensor, past_key_values, count: bool) -> None:
+    def _decide(self, run_mask: torch.Tensor, cache, count: bool) -> None:
         """Fix this prefill's decisions for the whole generation, on the host, once: which examples run
         (their indices). A sub-batch gets a KV cache of its own; when the whole batch runs, the layer
         uses the model's cache at its index, as the dense layer does."""
@@ -147,7 +149,7 @@ class RoELayer(nn.Module):
         mixed = not (self.all_run or self.none_run)
         self.run_idx = run_mask.nonzero().flatten() if mixed else None
         self.skip_idx = (~run_mask).nonzero().flatten() if mixed else None
-        self.cache = type(past_key_values)() if (mixed and past_key_values is not None) else None
+        self.cache = type(cache)() if (mixed and cache is not None) else None
         if count:
             self.seen += len(run)
             self.skipped += len(run) - n_run

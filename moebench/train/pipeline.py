@@ -107,14 +107,13 @@ def make_loss_fn(moe: MoEConfig | None):
 
     Logs carry per-layer expert load, router entropy and dropped fraction for the training table.
     """
-    from moebench.models.vlm import lm_loss, supervised_positions, supervised_rows
+    from moebench.models.vlm import lm_loss, supervised_positions
     from moebench.moe.upcycle import moe_blocks, moe_losses
 
     def loss_fn(model, batch):
         keep = supervised_positions(batch["labels"])  # the LM head runs at these positions only
         out = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                    vision_features=batch.get("vision_features"), logits_to_keep=keep,
-                    keep_rows=supervised_rows(batch["labels"]))  # and the last layer at each row's own
+                    vision_features=batch.get("vision_features"), logits_to_keep=keep)
         supervised = (batch["labels"][:, 1:] != IGNORE).sum()  # the tokens lm_loss averages over
         lm = parallel.global_mean(lm_loss(out.logits, batch["labels"], keep), supervised)
         logs = {"lm_loss": lm.detach()}
@@ -257,7 +256,8 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
     run_dir = Path(runs_dir) / run_name
     meta = {
         "name": run_name, "recipe": to_dict(recipe), "recipe_hash": recipe_hash(recipe),
-        "stages": [d.name for d in dirs], "data": src.name, "data_hash": dhash, "git_commit": git_commit(),
+        "stages": [d.name for d in dirs], "data": src.name, "data_hash": dhash,
+        **results.software_versions(), "git_commit": git_commit(),  # git_commit: "" outside a checkout
         "train_seconds": time.perf_counter() - t0,
         "final_loss": json.loads((dirs[-1] / "stage.json").read_text())["final_loss"],
     }

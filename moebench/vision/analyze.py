@@ -112,7 +112,7 @@ def analyze_vision_run(run_dir: Path, results_dir: Path, out_png: Path | None = 
     add_vision_moe(model.vit, dataclasses.replace(recipe.moe, shared_expert=shared), recipe.vit.routing_unit)
     load_model(model, str(run_dir / "model.safetensors"))
     mats = routing_matrices(model, val)
-    stamp = results.utc_now()
+    stamp, versions = results.utc_now(), results.software_versions()
     rows, summary = [], {}
     for layer, m in mats.items():
         purity, entropy = purity_entropy(m)
@@ -121,7 +121,8 @@ def analyze_vision_run(run_dir: Path, results_dir: Path, out_png: Path | None = 
             rows.append({"run": meta["name"], "variant": meta["variant"], "task": "routing", "split": f"layer{layer}",
                          "metric": metric, "value": value, "baseline": 1 / len(val.classes) if metric == "purity" else None,
                          "n": len(val), "dataset": src.name, "dataset_hash": src.hash, "recipe": recipe.name,
-                         "extra": {"classes": val.classes, "matrix": m.tolist()}, "timestamp": stamp})
+                         "extra": {"classes": val.classes, "matrix": m.tolist()}, "timestamp": stamp,
+                         "git_commit": meta.get("git_commit", ""), **versions})
     results.append_rows(results_dir, "metrics", meta["name"], rows)
     png = heatmap_png(mats, val.classes, out_png or (results_dir / meta["name"] / "routing.png"))
     return {"run": meta["name"], "layers": summary, "png": str(png)}

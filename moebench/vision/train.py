@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moebench import __version__, results
+from moebench import results
 from moebench.config import STAGE_FORMAT, StageConfig, VisionRecipe, _digest, to_dict
 from moebench.data.images import load_image, preprocess
 from moebench.data.sources import resolve
@@ -211,7 +211,9 @@ def train_vision(recipe: VisionRecipe, *, runs_dir: Path, results_dir: Path, pro
         out_dir = Path(runs_dir) / run
         with atomic_dir(out_dir) as tmp:
             save_model(model, str(tmp / "model.safetensors"))
-            (tmp / "run.json").write_text(json.dumps({"name": run, "recipe": to_dict(recipe), "variant": variant}, indent=1))
+            (tmp / "run.json").write_text(json.dumps({"name": run, "recipe": to_dict(recipe), "variant": variant,
+                                                     "git_commit": git_commit(), **results.software_versions()},
+                                                    indent=1))
         rows += evaluate_vision(model, recipe, val_set, n_classes, run=run, variant=variant, data_name=src.name,
                                 data_hash=src.hash, device=device, results_dir=results_dir)
     return rows
@@ -267,13 +269,14 @@ def evaluate_vision(model, recipe: VisionRecipe, dataset, n_classes: int, *, run
     total = sum(p.numel() for p in model.parameters())
     params = {"total": total, "activated": total - inactive_params(model.vit), "embeddings_counted": True}
     extra = {"expert_load": load.load()} if load.blocks else None
+    versions = results.software_versions()
     stamp = results.utc_now()
     rows = [{"run": run, "variant": variant, "task": recipe.task, "split": "val", "metric": k, "value": v,
              "baseline": baselines.get(k), "n": n, "dataset": data_name, "dataset_hash": data_hash, "task_version": 1,
              "params_total": params["total"], "params_activated": params["activated"], "params_detail": params,
              "samples_per_s": n / elapsed if elapsed else None, "ttft_ms": 1000 * elapsed / n,
              "device": str(device), "dtype": "float32", "batch_size": bs, "threads": torch.get_num_threads(),
-             "seed": recipe.seed, "git_commit": git_commit(), "moebench_version": __version__, "recipe": recipe.name,
+             "seed": recipe.seed, "git_commit": git_commit(), **versions, "recipe": recipe.name,
              "extra": extra, "timestamp": stamp}
             for k, v in values.items() if not (isinstance(v, float) and math.isnan(v))]
     results.append_rows(results_dir, "metrics", run, rows)
