@@ -583,6 +583,14 @@ def ls():
     out.print(t)
 
 
+def _usage_errors() -> tuple[type, ...]:
+    """The exception classes of command-line usage errors. typer (>= 0.26) runs on its own copy of click,
+    whose ClickException it exports only as the base of its public BadParameter; newer typers also
+    export TyperException."""
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    return (click_exception, *([typer.TyperException] if hasattr(typer, "TyperException") else []))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
@@ -599,14 +607,10 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # usage errors arrive here in standalone_mode=False
-        import click
-
-        # click's usage errors, or typer's copy of them (typer >= 0.2x vendors click)
-        usage = (click.exceptions.ClickException, getattr(typer, "TyperException", ()))
-        if isinstance(e, usage) and hasattr(e, "show"):
+        if isinstance(e, _usage_errors()) and hasattr(e, "show"):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, (click.exceptions.Abort, typer.Abort)):
+        if isinstance(e, typer.Abort):
             sys.exit(1)
         raise
     finally:

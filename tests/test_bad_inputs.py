@@ -298,8 +298,8 @@ CASES = [
                  ["missing baseline table", "--update-baseline"], id="cli-compare-missing-baseline"),
 ]
 
-# click's own usage errors: exit 2, a short usage message, no traceback (typer >= 0.2x raises its vendored
-# copy of click's exceptions; cli.main catches both).
+# click's own usage errors: exit 2, a short usage message, no traceback (typer >= 0.26 raises its vendored
+# copy of click's exceptions; cli.main catches them).
 USAGE = [
     pytest.param(lambda e: ["trian", DENSE], "No such command 'trian'", id="cli-unknown-command"),
     pytest.param(lambda e: [*e.eval("--tasks", "gqa"), "--limit", "-5"], "Invalid value for '--limit'",
