@@ -213,14 +213,24 @@ def test_schema_2_tables_read_with_null_versions(tmp_path):
     assert rows["new"]["torch_version"] and rows["new"]["transformers_version"]
 
 
-def test_committed_baseline_reads_and_rewrites_with_null_versions(tmp_path):
-    """results/baselines/cpu-shapes.arrow (schema 2) through the gate's reader, and back out as
-    `moebench ci --update-baseline` writes it."""
+def test_baselines_read_with_their_versions_and_without(tmp_path):
+    """The committed baseline (schema 3) through the gate's reader and back out as `moebench ci
+    --update-baseline` writes it; the same rows in a schema-2 file (no version columns, as baselines
+    written before them) read with the versions null."""
     from moebench.compare import read_baseline, write_baseline
 
     path = Path(__file__).resolve().parents[1] / "results" / "baselines" / "cpu-shapes.arrow"
     rows = read_baseline(path)
-    assert len(rows) == 84 and all(r["moebench_version"] == "0.1.0" for r in rows)
-    assert all(r["torch_version"] is None and r["transformers_version"] is None for r in rows)
+    assert len(rows) == 84 and all(r["moebench_version"] and r["torch_version"] and r["transformers_version"]
+                                   for r in rows)
     again = read_baseline(write_baseline(rows, tmp_path / "baseline.arrow"))
     assert again == rows
+
+    v2 = pa.schema([f for f in R.METRICS_SCHEMA if f.name not in ("torch_version", "transformers_version")],
+                   metadata={**R.METRICS_SCHEMA.metadata, b"moebench.schema_version": b"2"})
+    old = [{k: v for k, v in r.items() if k in v2.names} for r in rows]
+    R.write_table(old, v2, tmp_path / "v2" / "metrics-old.arrow")
+    promoted = read_baseline(tmp_path / "v2" / "metrics-old.arrow")
+    assert len(promoted) == 84
+    assert all(r["torch_version"] is None and r["transformers_version"] is None for r in promoted)
+    assert [r["value"] for r in promoted] == [r["value"] for r in rows]
