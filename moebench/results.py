@@ -333,29 +333,24 @@ def read_rows(paths_or_dirs: Iterable[str | os.PathLike] | str | os.PathLike, ki
     return read_table(paths_or_dirs, kind).to_pylist()
 
 
-def _parse_time(value: str | None) -> datetime:
-    if value is None:
-        return datetime.min.replace(tzinfo=timezone.utc)
-    try:
-        t = datetime.fromisoformat(value)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"timestamp {value!r} is not ISO-8601") from e
-    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
-
-
 def latest_rows(table: pa.Table, keys: Sequence[str] = ("run", "task", "split", "metric")) -> pa.Table:
     """Keep, per distinct `keys` value, the row with the newest timestamp (on a tie: the later row;
     a null timestamp counts as oldest). Row order of the kept rows is preserved."""
+    import pyarrow.compute as pc
+
     if not keys:
         raise ValueError("latest_rows: give at least one key column")
     missing = [k for k in (*keys, "timestamp") if k not in table.column_names]
     if missing:
         raise ValueError(f"latest_rows: table has no column(s) {', '.join(missing)}")
-    key_cols = [table.column(k).to_pylist() for k in keys]
-    times = [_parse_time(t) for t in table.column("timestamp").to_pylist()]
-    best: dict[tuple, int] = {}
-    for i, key in enumerate(zip(*key_cols)):
-        j = best.get(key)
-        if j is None or times[i] >= times[j]:
-            best[key] = i
-    return table.take(pa.array(sorted(best.values()), type=pa.int64()))
+    try:  # ISO-8601 with a zone offset (utc_now) -> UTC instants, compared as instants, not as text
+        instants = pc.cast(table.column("timestamp"), pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    except pa.ArrowInvalid as e:
+        raise UserError(f"a result row's timestamp is not ISO-8601 with a zone offset ({str(e).splitlines()[0]})") from None
+    order = pa.table({**{k: table.column(k) for k in keys},
+                      "__time": pc.fill_null(instants, pa.scalar(-(2 ** 63), pa.int64())),
+                      "__row": pa.array(range(table.num_rows), pa.int64())})
+    order = order.sort_by([("__time", "ascending"), ("__row", "ascending")])
+    newest = order.group_by(list(keys), use_threads=False).aggregate([("__row", "last")])  # sorted: last = newest
+    rows = newest.column("__row_last")
+    return table.take(pc.take(rows, pc.sort_indices(rows)))

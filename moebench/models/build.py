@@ -17,38 +17,53 @@ VISION_TOWERS: Registry = Registry("vision tower")
 PROJECTORS: Registry = Registry("projector")
 
 
-def _llm_config(family: str, c: LLMConfig, vocab_size: int, pad_id: int, eos_id: int):
+# family name -> its transformers config class (the model class follows from the config through
+# AutoModelForCausalLM); the one place that says which families moebench builds
+LLM_FAMILIES.add("qwen2", "Qwen2Config")
+LLM_FAMILIES.add("llama", "LlamaConfig")
+LLM_FAMILIES.add("stablelm", "StableLmConfig")
+LLM_FAMILIES.add("phi", "PhiConfig")
+
+
+def family_config(family: str, **fields):
+    """The transformers config of an LLM `family` with the given fields (a published architecture's
+    dimensions, or the sizes of a from-scratch model)."""
     import transformers
 
-    common = dict(
+    return getattr(transformers, LLM_FAMILIES.get(family))(**fields)
+
+
+def llm_config(c: LLMConfig, vocab_size: int, pad_id: int, eos_id: int):
+    """The config of a from-scratch LLM of the recipe's sizes (tied embeddings, default RoPE)."""
+    fields = dict(
         vocab_size=vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.layers, num_attention_heads=c.heads, num_key_value_heads=c.kv_heads,
         max_position_embeddings=c.max_positions, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None,
         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
     )
-    cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig,
-           "stablelm": transformers.StableLmConfig, "phi": transformers.PhiConfig}[family]
-    if family == "phi":
-        common["hidden_act"] = "gelu_new"
+    if c.family == "phi":
+        fields["hidden_act"] = "gelu_new"
     if c.init_std is not None:
-        common["initializer_range"] = c.init_std
-    return cls(**common)
+        fields["initializer_range"] = c.init_std
+    return family_config(c.family, **fields)
 
 
-for _name in ("qwen2", "llama", "stablelm", "phi"):
-    LLM_FAMILIES.add(_name, _name)
+def clip_vision_config(c: VisionConfig):
+    """The config of a from-scratch CLIP vision tower of the recipe's sizes."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                            num_hidden_layers=c.layers, num_attention_heads=c.heads,
+                            image_size=c.image_size, patch_size=c.patch_size)
 
 
 @VISION_TOWERS.register("clip")
 def _clip_vision(c: VisionConfig):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     if c.pretrained:
         return _from_pretrained(CLIPVisionModel, c.pretrained, "model.vision.pretrained")
-    cfg = CLIPVisionConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                           num_hidden_layers=c.layers, num_attention_heads=c.heads,
-                           image_size=c.image_size, patch_size=c.patch_size)
-    return CLIPVisionModel(cfg)
+    return CLIPVisionModel(clip_vision_config(c))
 
 
 @PROJECTORS.register("mlp2x_gelu")
@@ -82,7 +97,7 @@ def build_llm(c: LLMConfig, tokenizer):
     if c.pretrained:
         llm = _from_pretrained(AutoModelForCausalLM, c.pretrained, "model.llm.pretrained")
     else:
-        cfg = _llm_config(c.family, c, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+        cfg = llm_config(c, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
         llm = AutoModelForCausalLM.from_config(cfg)
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
         llm.resize_token_embeddings(len(tokenizer))  # the added <image> token
@@ -104,14 +119,13 @@ def build_vlm(cfg: ModelConfig, tokenizer):
 
 def rebuild_vlm(cfg: ModelConfig, vision_config: dict, llm_config: dict, tokenizer):
     """Rebuild the exact architecture of a saved model from its stored HF configs (no weights loaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from moebench.models.tokenizer import image_token_id
     from moebench.models.vlm import VLM
 
-    vision = CLIPVisionModel(CLIPVisionConfig.from_dict(vision_config))
-    llm_cfg = AutoConfig.for_model(**llm_config)
-    llm = AutoModelForCausalLM.from_config(llm_cfg)
+    vision = AutoModel.from_config(AutoConfig.for_model(**vision_config))  # its model_type says which tower
+    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llm_config))
     projector = PROJECTORS.get(cfg.projector)(vision.config.hidden_size, llm.config.hidden_size)
     return VLM(vision, projector, llm, image_token_id=image_token_id(tokenizer),
                feature_layer=cfg.vision.feature_layer, select=cfg.vision.select,

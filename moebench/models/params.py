@@ -1,6 +1,6 @@
 """Parameter accounting: total and activated per token, per part (LLM, vision tower, projector).
 
-Conventions (DESIGN section 5): MoE-LLaVA counts the whole LLM, embeddings included; we report the
+Conventions: MoE-LLaVA counts the whole LLM, embeddings included; we report the
 embedding count beside it so either convention can be read off. A dense model activates everything;
 an MoE block activates its router, its shared expert and top_k of its num_experts routed experts.
 """

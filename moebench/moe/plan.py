@@ -5,7 +5,7 @@ so a plan for a 2B or 7B recipe needs neither a download nor the checkpoint. A r
 preset with `model.llm.arch` / `model.vision.arch`; a local checkpoint directory's own config.json
 wins when it is present.
 
-Counting (DESIGN section 5): MoE-LLaVA's activated / total counts are the whole LLM, embeddings and
+Counting: MoE-LLaVA's activated / total counts are the whole LLM, embeddings and
 LM head included; the embedding share is reported beside them. A token activates every dense
 parameter, each MoE block's router and shared expert, and top_k of its num_experts routed experts.
 FLOPs per token are 2 x the activated matmul weights (the input embedding is a lookup, not a
@@ -57,7 +57,8 @@ def llm_config(recipe: Recipe):
     """The LLM's transformers config: local config.json, else the `arch` preset, else the size fields."""
     import transformers
 
-    from moebench.models.build import _llm_config
+    from moebench.models.build import family_config
+    from moebench.models.build import llm_config as sized_config
 
     c = recipe.model.llm
     local = _local_config(c.pretrained)
@@ -67,18 +68,18 @@ def llm_config(recipe: Recipe):
         if c.arch not in LLM_ARCHS:
             raise UserError(f"model.llm.arch={c.arch!r} is not a known architecture; known: {sorted(LLM_ARCHS)}")
         family, dims = LLM_ARCHS[c.arch]
-        cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig,
-               "stablelm": transformers.StableLmConfig, "phi": transformers.PhiConfig}[family]
-        return cls(**dims)
+        return family_config(family, **dims)
     if c.pretrained:
         raise UserError(f"model.llm.pretrained={c.pretrained!r} is not a local checkpoint; set model.llm.arch to one "
                         f"of {sorted(LLM_ARCHS)} so the plan knows its dimensions")
     vocab = recipe.model.tokenizer.vocab_size + 4  # a trained tokenizer has at most this many ids
-    return _llm_config(c.family, c, vocab, 0, 1)
+    return sized_config(c, vocab, 0, 1)
 
 
 def vision_config(recipe: Recipe):
     from transformers import CLIPVisionConfig
+
+    from moebench.models.build import clip_vision_config
 
     v = recipe.model.vision
     local = _local_config(v.pretrained)
@@ -91,9 +92,7 @@ def vision_config(recipe: Recipe):
     if v.pretrained:
         raise UserError(f"model.vision.pretrained={v.pretrained!r} is not a local checkpoint; set model.vision.arch "
                         f"to one of {sorted(VISION_ARCHS)} so the plan knows its dimensions")
-    return CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                            num_hidden_layers=v.layers, num_attention_heads=v.heads, image_size=v.image_size,
-                            patch_size=v.patch_size)
+    return clip_vision_config(v)
 
 
 def plan(recipe: Recipe, text_tokens: int = 128) -> dict:

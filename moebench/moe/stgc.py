@@ -1,4 +1,4 @@
-"""STGC: token gradient conflicts in MoE layers (arXiv 2406.19905; DESIGN section 2.2).
+"""STGC: token gradient conflicts in MoE layers (arXiv 2406.19905).
 
 For every routed (token t, expert e) pair, take the token's gradient with respect to expert e and
 compare it with the mean gradient of the tokens routed to e in the batch:

@@ -1,4 +1,4 @@
-"""RoE, Routing Experts (ICLR 2025, arXiv 2407.14093; DESIGN section 2.3): per-example layer skipping.
+"""RoE, Routing Experts (ICLR 2025, arXiv 2407.14093): per-example layer skipping.
 
 Every routable decoder layer l becomes an "expert" an example may skip:
 

@@ -40,10 +40,6 @@ def _say(progress: bool, msg: str) -> None:
         Console(stderr=True).print(msg)
 
 
-def device_for(recipe: Recipe) -> torch.device:
-    return parallel.device()
-
-
 def data_hash(recipe: Recipe, src: DataSource) -> str:
     """The world's hash, or for a real data root the hash of every stage's data file."""
     if src.hash:
@@ -156,7 +152,7 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
     dhash = data_hash(recipe, src)
     dirs = stage_dirs(recipe, runs_dir, dhash)
     run_name = f"{recipe.name}-{dirs[-1].name.rsplit('-', 1)[1][:8]}"
-    device = device_for(recipe)
+    device = parallel.device()
 
     done = parallel.broadcast(max((i for i, d in enumerate(dirs) if is_model_dir(d / "model")), default=-1))
     if done >= 0:

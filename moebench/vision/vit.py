@@ -1,4 +1,4 @@
-"""ViMoE vision track (arXiv 2410.15732; DESIGN section 2.4): open_clip ViTs whose block MLPs become MoE.
+"""ViMoE vision track (arXiv 2410.15732): open_clip ViTs whose block MLPs become MoE.
 
 The backbone is open_clip's `VisionTransformer`, built from sizes (the embedded world) or from an
 open_clip model config name such as "ViT-B-16" (the config ships with open_clip; nothing downloaded),
