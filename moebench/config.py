@@ -66,7 +66,7 @@ class LLMConfig:
     # std of the normal init of a randomly initialised LLM (HF `initializer_range`); None keeps the
     # family default 0.02, which suits widths of 1k and more. A tiny LLM trained from scratch learns
     # content lookups ("is there a diamond?" against the image tokens) many times faster at about
-    # 1/sqrt(hidden_size): see README "Why the tiny LLM uses init_std".
+    # 1/sqrt(hidden_size): see docs/shapes-world.md, "Why the tiny LLM uses init_std".
     init_std: float | None = None
 
 

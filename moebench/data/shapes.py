@@ -389,7 +389,7 @@ def _llava(scenes: list[Scene], spec: WorldSpec) -> tuple[list[dict], list[dict]
     answer later questions from earlier answers ("is there a red circle? yes" gives away "is there a
     circle?") instead of from the image, and evaluation asks one question per prompt. Besides the
     GQA-type questions, each image gets POPE-style shape existence questions: looking an object up by
-    its shape is learned only with this much of it (README, "How POPE was fixed").
+    its shape is learned only with this much of it (docs/shapes-world.md, "How POPE was fixed").
     """
     rng = random.Random(f"shapes-{spec.seed}-llava")
     captions, instruct = [], []
