@@ -1,14 +1,20 @@
 """Report plots: each task's headline metric against activated parameters and against latency.
 
-One point per run, labelled with its model name; the Pareto front (no other run is both cheaper and
-better) is joined by a line and its points are filled. Drawn with PIL, so no plotting library is needed.
+One marker per run, coloured by variant and labelled with its model name; the Pareto front (no other
+run is both cheaper and better) is joined in red, its markers ringed. Drawn with matplotlib (Agg,
+imported inside the functions); no version stamp in the PNG, so the same rows give the same bytes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-W, H, M = 560, 360, 56  # image size, margin
+# Variant colours in order of first appearance; red is left to the Pareto front.
+COLOURS = [f"tab:{c}" for c in "blue orange green purple brown pink gray olive cyan".split()]
+
+# Per task, one plot per x axis: file name suffix, title, x label, a row's x (None: the row has no point).
+AXES = [("params", "activated parameters", "activated parameters", lambda r: r.get("params_activated")),
+        ("latency", "latency", "ms per sample", lambda r: 1000 / r["samples_per_s"] if r.get("samples_per_s") else None)]
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -21,39 +27,37 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def scatter(points: list[tuple[float, float]], labels: list[str], title: str, xlabel: str, ylabel: str,
-            path: Path) -> Path:
-    from PIL import Image, ImageDraw
+            path: Path, variants: list[str | None] | None = None) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
-    img = Image.new("RGB", (W, H), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys + [0.0]), max(ys + [1e-9])
-    pad_x = (x1 - x0) * 0.1 or abs(x0) * 0.1 or 1.0
-    x0, x1, y1 = x0 - pad_x, x1 + pad_x, y1 * 1.1
-
-    def px(x, y):
-        return M + (x - x0) / (x1 - x0) * (W - 2 * M), H - M - (y - y0) / ((y1 - y0) or 1) * (H - 2 * M)
-
-    d.rectangle([M, M, W - M, H - M], outline=(0, 0, 0))
-    d.text((M, 8), title, fill=(0, 0, 0))
-    d.text((W // 2 - 40, H - M + 24), xlabel, fill=(0, 0, 0))
-    d.text((4, M - 16), ylabel, fill=(0, 0, 0))
-    for frac in (0.0, 0.5, 1.0):
-        yv = y0 + frac * (y1 - y0)
-        d.text((4, px(x0, yv)[1] - 6), f"{yv:.2f}", fill=(90, 90, 90))
-        xv = x0 + frac * (x1 - x0)
-        d.text((px(xv, y0)[0] - 16, H - M + 6), _short(xv), fill=(90, 90, 90))
-    front = pareto(points)
-    if len(front) > 1:
-        d.line([px(*points[i]) for i in front], fill=(200, 60, 60), width=2)
-    for i, ((x, y), label) in enumerate(zip(points, labels)):
-        cx, cy = px(x, y)
-        fill = (200, 60, 60) if i in front else None
-        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], outline=(200, 60, 60), fill=fill)
-        d.text((cx + 6, cy - 12), label[:22], fill=(0, 0, 0))
+    variants = variants or [None] * len(points)
+    fig = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")  # not pyplot's: nothing global to close
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for k, variant in enumerate(dict.fromkeys(variants)):
+        mine = [p for p, v in zip(points, variants) if v == variant]
+        ax.scatter([x for x, _ in mine], [y for _, y in mine], s=36, color=COLOURS[k % len(COLOURS)], zorder=3,
+                   label=variant)
+    front = [points[i] for i in pareto(points)]
+    ax.plot([x for x, _ in front], [y for _, y in front], "-o", color="tab:red", lw=1.5, ms=12, mfc="none",
+            zorder=2, label="Pareto front")
+    at: dict[tuple[float, float], list[str]] = {}  # runs at the same point share one label
+    for p, label in zip(points, labels):
+        at.setdefault(p, []).append(label)
+    mid = (min(x for x, _ in points) + max(x for x, _ in points)) / 2
+    for (x, y), names in at.items():
+        right = x > mid  # labels on the right half go left of their marker, to stay inside the figure
+        ax.annotate("\n".join(names), (x, y), xytext=(-8 if right else 8, 4), textcoords="offset points",
+                    ha="right" if right else "left", fontsize=8)
+    ax.margins(x=0.12, y=0.15)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short(v)))
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path, metadata={"Software": None})
     return path
 
 
@@ -70,14 +74,10 @@ def report_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     for r in rows:
         by_task.setdefault(f"{r['task']}-{r['metric']}", []).append(r)
     for key, rs in sorted(by_task.items()):
-        labels = [model_name(r["run"]) for r in rs]
-        with_params = [(r["params_activated"], r["value"]) for r in rs if r.get("params_activated")]
-        if with_params:
-            out.append(scatter(with_params, [lab for lab, r in zip(labels, rs) if r.get("params_activated")],
-                               f"{key} vs activated parameters", "activated parameters", key,
-                               Path(out_dir) / f"{key}-vs-params.png"))
-        with_latency = [(1000 / r["samples_per_s"], r["value"]) for r in rs if r.get("samples_per_s")]
-        if with_latency:
-            out.append(scatter(with_latency, [lab for lab, r in zip(labels, rs) if r.get("samples_per_s")],
-                               f"{key} vs latency", "ms per sample", key, Path(out_dir) / f"{key}-vs-latency.png"))
+        for name, title, xlabel, cost in AXES:
+            some = [r for r in rs if cost(r)]
+            if some:
+                out.append(scatter([(cost(r), r["value"]) for r in some], [model_name(r["run"]) for r in some],
+                                   f"{key} vs {title}", xlabel, key, Path(out_dir) / f"{key}-vs-{name}.png",
+                                   [r.get("variant") for r in some]))
     return out

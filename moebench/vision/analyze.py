@@ -65,28 +65,24 @@ def purity_entropy(m: torch.Tensor) -> tuple[float, float]:
 
 
 def heatmap_png(mats: dict[int, torch.Tensor], classes: list[str], path: Path, cell: int = 22) -> Path:
-    """Row-normalised matrices side by side, one per layer, drawn with PIL."""
-    from PIL import Image, ImageDraw
+    """Row-normalised matrices side by side, one per layer (about `cell` pixels a cell), with a colour bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    label_w, top = 80, 18
-    width = label_w + sum(m.shape[1] * cell + 12 for m in mats.values())
-    height = top + len(classes) * cell + 4
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    for r, name in enumerate(classes):
-        draw.text((2, top + r * cell + 6), name[:12], fill=(0, 0, 0))
-    x0 = label_w
-    for layer, m in mats.items():
-        draw.text((x0, 2), f"layer {layer}", fill=(0, 0, 0))
-        share = m / m.sum(1, keepdim=True).clamp(min=1)
-        for r in range(m.shape[0]):
-            for e in range(m.shape[1]):
-                v = int(255 * (1 - float(share[r, e])))
-                draw.rectangle([x0 + e * cell, top + r * cell, x0 + (e + 1) * cell - 2, top + (r + 1) * cell - 2],
-                               fill=(v, v, 255))
-        x0 += m.shape[1] * cell + 12
+    experts = sum(m.shape[1] for m in mats.values())
+    width, height = experts * cell + 30 * len(mats) + 170, max(len(classes) * cell, 160) + 90  # pixels
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, layout="constrained")  # not pyplot's: none to close
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(mats), sharey=True, squeeze=False,
+                        gridspec_kw={"width_ratios": [m.shape[1] for m in mats.values()]})[0]
+    for ax, (layer, m) in zip(axes, mats.items()):
+        share = m / m.sum(1, keepdim=True).clamp(min=1)  # (classes, experts), each row sums to 1 (or is 0)
+        image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+        ax.set(title=f"layer {layer}", xlabel="expert", xticks=range(m.shape[1]))
+    axes[0].set_yticks(range(len(classes)), classes)
+    fig.colorbar(image, ax=axes, label="share of the class's routings", shrink=0.9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path, metadata={"Software": None})
     return path
 
 
