@@ -118,6 +118,7 @@ class StageConfig:
     grounding: str = ""
     grounding_weight: float = 1.0  # the grounding term's weight in the clip stage's loss
     template: Literal["chat", "plain"] = "chat"  # "plain" = image then caption (LLaVA stage I)
+    # a variant's transform stage (moebench/variants: Variant.stage_flag)
     upcycle: bool = False  # MoE-Tuning stage III: turn the FFNs named in `moe:` into experts first
     add_roe: bool = False  # RoE: wrap the routable layers named in `roe:` (adapters, routers) first
     train: list[str] = field(default_factory=list)
@@ -230,7 +231,7 @@ class EvalConfig:
 class Recipe:
     name: str = ""
     seed: int = 0
-    variant: Literal["dense", "moe", "stgc", "roe"] = "dense"
+    variant: str = "dense"  # a registered variant (moebench/variants): dense, moe, stgc, roe
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     # data parallelism under torchrun: DDP (a full replica per GPU) or FSDP2 (parameters, gradients and
     # optimizer state sharded over GPUs); one process ignores it. Not part of any stage key: both give
@@ -251,9 +252,17 @@ class Recipe:
         raise UserError(f"no stage named {name!r}; stages are {[s.name for s in self.stages]}")
 
 
-# ffn = every decoder FFN (dense MLPs, experts, routers, shared experts); router = the MoE routers only;
-# roe = RoE's routing tokens, adapters and layer routers (llm then means the rest of the LLM)
-TRAINABLE_MODULES = ("vision", "projector", "llm", "ffn", "router", "roe")
+# ffn = every decoder FFN (dense MLPs, experts, routers, shared experts); llm = the LLM less the parts a
+# variant keeps apart (Variant.separate_from_llm). The variants add their own names (Variant.param_names).
+COMMON_MODULES = ("vision", "projector", "llm", "ffn")
+
+
+def trainable_modules() -> tuple[str, ...]:
+    """The module names a stage's `train:` may use: the common ones, then each registered variant's
+    (moe: router; roe: roe)."""
+    from moebench import variants  # the variant modules import this one
+
+    return (*COMMON_MODULES, *dict.fromkeys(n for v in variants.VARIANTS.values() for n in v.param_names))
 # Part of every stage key: bump it when the code changes what a stage computes (losses, data
 # encoding), so cached stage checkpoints made by older code are not reused.
 STAGE_FORMAT = 1
@@ -506,6 +515,10 @@ def _check_tasks(names: list[str]) -> None:
 
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that types alone cannot express."""
+    from moebench import variants  # the variant modules import this one
+
+    variants.check_name(recipe.variant)
+    modules = trainable_modules()
     if not recipe.stages:
         raise UserError("recipe has no stages; add at least one under `stages:`")
     seen = set()
@@ -519,8 +532,8 @@ def validate(recipe: Recipe) -> None:
         if not s.data:
             raise UserError(f"{where}.data is empty; name the LLaVA conversation JSON under the data root")
         for m in s.train:
-            if m not in TRAINABLE_MODULES:
-                raise UserError(f"{where}.train has {m!r}; allowed modules: {list(TRAINABLE_MODULES)}{did_you_mean(m, TRAINABLE_MODULES)}")
+            if m not in modules:
+                raise UserError(f"{where}.train has {m!r}; allowed modules: {list(modules)}{did_you_mean(m, modules)}")
         for m in s.lr_scale:
             if m not in s.train:
                 raise UserError(f"{where}.lr_scale.{m}: module is not trained in this stage ({s.train})")
@@ -531,7 +544,7 @@ def validate(recipe: Recipe) -> None:
         if s.grounding_weight <= 0:
             raise UserError(f"{where}.grounding_weight={s.grounding_weight} must be > 0")
         if not s.train:
-            raise UserError(f"{where}.train is empty; name the modules that learn ({list(TRAINABLE_MODULES)})")
+            raise UserError(f"{where}.train is empty; name the modules that learn ({list(modules)})")
         for key in ("batch_size", "grad_accum", "max_len"):
             if getattr(s, key) < 1:
                 raise UserError(f"{where}.{key}={getattr(s, key)} must be >= 1")
@@ -550,59 +563,9 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"model.llm.hidden_size={llm.hidden_size} must be divisible by heads={llm.heads}")
         if llm.heads % llm.kv_heads:
             raise UserError(f"model.llm.heads={llm.heads} must be divisible by kv_heads={llm.kv_heads}")
-    _validate_moe(recipe)
-    _validate_stgc(recipe)
-    _validate_roe(recipe)
-    _validate_variant_sections(recipe)
+    variants.validate(recipe)  # each variant's section and stage flag (moebench/variants)
     if recipe.eval.batch_size < 1:
         raise UserError(f"eval.batch_size={recipe.eval.batch_size} must be >= 1")
-
-
-# The variant sections each variant reads; any other one would be ignored, or train a variant under
-# another's name (a dense recipe with `moe:` and an upcycling stage).
-VARIANT_SECTIONS = {"dense": (), "moe": ("moe",), "stgc": ("moe", "stgc"), "roe": ("roe",)}
-
-
-def _validate_variant_sections(recipe: Recipe) -> None:
-    for section in ("moe", "stgc", "roe"):
-        if getattr(recipe, section) is not None and section not in VARIANT_SECTIONS[recipe.variant]:
-            users = [v for v, sections in VARIANT_SECTIONS.items() if section in sections]
-            raise UserError(f"variant={recipe.variant} does not use the `{section}:` section (variant "
-                            f"{' or '.join(users)} does); remove the section or set variant={users[0]}")
-
-
-def _one_transform_stage(recipe: Recipe, variant: str, section: str, flag: str) -> None:
-    """A variant's section and the one stage that applies it (`upcycle`, `add_roe`) go together."""
-    stages = [s.name for s in recipe.stages if getattr(s, flag)]
-    present = getattr(recipe, section) is not None
-    if recipe.variant == variant and (not present or not stages):
-        raise UserError(f"variant={variant} needs a `{section}:` section and one stage with `{flag}: true`")
-    if stages and not present:
-        raise UserError(f"stages.{stages[0]}.{flag} is true but the recipe has no `{section}:` section; add one")
-    if len(stages) > 1:
-        raise UserError(f"stages {stages} all set {flag}; only one stage may (the model is transformed once)")
-
-
-def _validate_moe(recipe: Recipe) -> None:
-    _one_transform_stage(recipe, "moe", "moe", "upcycle")
-    m = recipe.moe
-    if m is None:
-        return
-    if m.num_experts < 1:
-        raise UserError(f"moe.num_experts={m.num_experts} must be >= 1")
-    if not 1 <= m.top_k <= m.num_experts:
-        raise UserError(f"moe.top_k={m.top_k} must be between 1 and moe.num_experts={m.num_experts}")
-    for key in ("capacity_factor", "eval_capacity_factor"):
-        cf = getattr(m, key)
-        if cf is not None and cf <= 0:
-            raise UserError(f"moe.{key}={cf} must be > 0 (or null for dropless routing)")
-    if m.aux_loss_coef < 0 or m.z_loss_coef < 0:
-        raise UserError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
-    if isinstance(m.layers, list):
-        if not m.layers:
-            raise UserError("moe.layers is an empty list; name at least one decoder layer")
-        if recipe.model.llm.pretrained is None:
-            moe_layer_indices(m.layers, recipe.model.llm.layers)
 
 
 def tokenizer_corpus(recipe: Recipe) -> list[tuple[str, int | None]]:
@@ -627,64 +590,6 @@ def moe_layer_indices(spec, num_layers: int) -> list[int]:
     half = num_layers // 2
     return {"every_other": list(range(0, num_layers, 2)), "first_half": list(range(half)),
             "second_half": list(range(half, num_layers)), "all": list(range(num_layers))}[spec]
-
-
-def _validate_stgc(recipe: Recipe) -> None:
-    g = recipe.stgc
-    if recipe.variant == "stgc" and g is None:
-        raise UserError("variant=stgc needs an `stgc:` section")
-    if g is None:
-        return
-    if recipe.moe is None or upcycle_index(recipe) is None:
-        raise UserError("stgc: works on MoE layers; add a `moe:` section and a stage with `upcycle: true`")
-    if g.coef < 0:
-        raise UserError(f"stgc.coef={g.coef} must be >= 0")
-    if not -1.0 <= g.threshold <= 1.0:
-        raise UserError(f"stgc.threshold={g.threshold} is a cosine similarity; choose a value in [-1, 1]")
-    if g.layers is not None and recipe.model.llm.pretrained is None:
-        moe = moe_layer_indices(recipe.moe.layers, recipe.model.llm.layers)
-        bad = [i for i in g.layers if i not in moe]
-        if bad:
-            raise UserError(f"stgc.layers has {bad[0]}, which is not an MoE layer; MoE layers are {moe}")
-
-
-def _validate_roe(recipe: Recipe) -> None:
-    _one_transform_stage(recipe, "roe", "roe", "add_roe")
-    r = recipe.roe
-    if r is None:
-        return
-    if not 0 <= r.target_skip < 1:
-        raise UserError(f"roe.target_skip={r.target_skip} must be in [0, 1)")
-    if r.adapter_rank is not None and r.adapter_rank <= 0:
-        raise UserError(f"roe.adapter_rank={r.adapter_rank} must be > 0 (or null for hidden_size / 2)")
-    if r.reg_coef < 0:
-        raise UserError(f"roe.reg_coef={r.reg_coef} must be >= 0")
-    if not (r.temp_start > 0 and r.temp_end > 0):
-        raise UserError("roe.temp_start and roe.temp_end must be > 0")
-    if not 0 <= r.warmup_fraction <= r.tune_fraction <= 1:
-        raise UserError(f"roe: need 0 <= warmup_fraction ({r.warmup_fraction}) <= tune_fraction "
-                        f"({r.tune_fraction}) <= 1")
-    if r.layers is not None and recipe.model.llm.pretrained is None:
-        n = recipe.model.llm.layers
-        bad = [i for i in r.layers if not 1 <= i < n]
-        if bad:
-            raise UserError(f"roe.layers: index {bad[0]} is out of range; routable layers are 1..{n - 1} "
-                            "(layer 0 is never skipped: the KV-cache length is read from it)")
-    if r.layers is None and recipe.model.llm.pretrained is None and recipe.model.llm.layers < 3:
-        raise UserError(f"roe: an LLM of {recipe.model.llm.layers} layers has none to route (the first and last "
-                        "always run); set roe.layers or use 3 or more layers")
-    if r.layers is not None and 0 in r.layers:
-        raise UserError("roe.layers: layer 0 cannot be routable (the KV-cache length is read from it)")
-
-
-def roe_index(recipe: Recipe) -> int | None:
-    """The index of the stage that adds RoE, or None."""
-    return next((i for i, s in enumerate(recipe.stages) if s.add_roe), None)
-
-
-def upcycle_index(recipe: Recipe) -> int | None:
-    """The index of the stage that upcycles the model, or None for a dense recipe."""
-    return next((i for i, s in enumerate(recipe.stages) if s.upcycle), None)
 
 
 # ---------------------------------------------------------------------------- hashing
@@ -718,14 +623,10 @@ def stage_key(recipe: Recipe, index: int, data_hash: str) -> str:
         "format": STAGE_FORMAT,
         "tokenizer_corpus": tokenizer_corpus(recipe),
     }
-    up = upcycle_index(recipe)
-    if up is not None and index >= up:  # stages before the upcycling one are shared with the dense recipe
-        part["moe"] = to_dict(recipe.moe)
-        if recipe.stgc is not None:
-            part["stgc"] = to_dict(recipe.stgc)
-    ri = roe_index(recipe)
-    if ri is not None and index >= ri:
-        part["roe"] = to_dict(recipe.roe)
+    from moebench import variants
+
+    for v in variants.chain(recipe.variant):  # from the stage that transforms the model on: its section(s)
+        part.update(v.stage_key_part(recipe, index))
     return _digest(part)
 
 

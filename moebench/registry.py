@@ -32,6 +32,10 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> None:
         self._items[name] = obj
 
+    def remove(self, name: str) -> None:
+        """Forget `name` (a test that registers its own entry removes it again)."""
+        self._items.pop(name, None)
+
     def get(self, name: str) -> T:
         if name not in self._items:
             raise UserError(f"unknown {self.what} {name!r}{did_you_mean(name, self._items)}; known: {', '.join(sorted(self._items))}")
@@ -39,6 +43,10 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def values(self) -> list[T]:
+        """The registered objects, in the order they were registered."""
+        return list(self._items.values())
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

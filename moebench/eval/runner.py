@@ -9,6 +9,7 @@ a sample is in (tested), so the metrics are those of one process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -25,8 +26,6 @@ from moebench.eval import metrics
 from moebench.eval.generate import greedy_generate
 from moebench.eval.partial import PartialWriter, partial_path, read_partial
 from moebench.eval.tasks import Sample, TaskConfig, load_samples, load_task
-from moebench.moe.upcycle import LoadCounter
-from moebench.roe.model import SkipCounter
 from moebench.runs import RunInfo
 
 
@@ -46,9 +45,10 @@ def _batches(samples: list[Sample], size: int):
 
 def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[Sample], *, vision,
             batch_size: int, max_new_tokens: int, device: torch.device, progress: bool = True,
-            done: dict | None = None, store=None) -> tuple[list[dict], dict, dict | None]:
+            done: dict | None = None, store=None, counters: list | None = None) -> tuple[list[dict], dict, dict | None]:
     """Greedy answers for `samples`; returns per-sample records, the task's timing summary and variant
-    statistics (per-layer expert load of an MoE model, over prompt and generated tokens).
+    statistics: the `extra` of each of `counters` (moebench.variants.Counter, e.g. the per-layer expert
+    load of an MoE model over prompt and generated tokens), or None when they give nothing.
 
     Under torchrun each rank computes every W-th sample still to do (W ranks) and every rank returns
     the records, timings and statistics of all of them."""
@@ -86,8 +86,10 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
     ttfts, decode_s, decode_tokens, computed = [], 0.0, 0, []
     t_start = time.perf_counter()
     answered = sum(len(same[(s.image, s.question)]) for s in mine)
-    with _task_bar(progress, task.name, len(samples) - len(todo) + answered) as bar, LoadCounter(model) as load, \
-            SkipCounter(model) as skips:
+    counters = counters or []
+    with _task_bar(progress, task.name, len(samples) - len(todo) + answered) as bar, contextlib.ExitStack() as stack:
+        for c in counters:
+            stack.enter_context(c)
         bar(len(samples) - len(todo))
         for batch in _batches(mine, batch_size):
             prompts, gen = run(batch)
@@ -112,8 +114,7 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
     ranks = parallel.all_gather({  # one process: [this]
         "records": computed if w.size > 1 else [], "ttft_s": sum(ttfts), "batches": len(ttfts), "decode_s": decode_s,
         "decode_tokens": decode_tokens, "samples": len(mine), "wall": wall, "peak_mem_mb": _peak_memory_mb(device),
-        "load": {i: c.tolist() for i, c in load.counts.items()},
-        "skips": {i: (layer.seen, layer.skipped) for i, layer in skips.layers}})
+        "counters": [c.state() for c in counters]})
     for r in ranks:
         finished.update({(x["split"], x["question_id"]): x for x in r["records"]})
     records = [{**finished[(s.split, s.question_id)], "sample": s} for s in samples]
@@ -125,16 +126,10 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
         "samples_per_s": n / wall if (wall > 0 and n) else None,  # prompts generated, all ranks together
         "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks),  # per process
     }
-    for i in load.counts:  # expert load and skips over every rank's samples
-        load.counts[i] = torch.tensor([sum(c) for c in zip(*(r["load"][i] for r in ranks))], dtype=torch.float64)
-    for i, layer in skips.layers:
-        layer.seen, layer.skipped = (sum(x) for x in zip(*(r["skips"][i] for r in ranks)))
     extra = {}
-    if load.blocks:
-        extra["expert_load"] = load.load()
-    if skips.layers:
-        extra["skip_rate"] = skips.rates()
-        extra["skip_ratio"] = sum(extra["skip_rate"].values()) / len(skips.layers)  # over routable layers
+    for k, c in enumerate(counters):  # routing statistics over every rank's samples
+        c.merge([r["counters"][k] for r in ranks])
+        extra.update(c.extra())
     return records, timing, extra or None
 
 
@@ -191,6 +186,7 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
     """Evaluate a run's model on tasks; append metric (and sample) rows to results_dir; return metric rows.
 
     Under torchrun every rank calls this with the same arguments and gets the same rows; rank 0 writes."""
+    from moebench import variants
     from moebench.models.params import count_params
 
     w = parallel.init()
@@ -201,6 +197,7 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
                                                           progress=progress))
     device = device or parallel.device()
     model, tokenizer = run.load_model(device)
+    chain = variants.chain(recipe.variant)
     encoder = Encoder(tokenizer, model.num_image_tokens, model.image_token_id, system=recipe.model.system)
     params = count_params(model)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -228,13 +225,15 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
         try:
             records, timing, extra = predict(model, tokenizer, encoder, task, samples, vision=recipe.model.vision,
                                              batch_size=batch_size, max_new_tokens=new_tokens, device=device,
-                                             progress=progress, done=done, store=writer.write)
+                                             progress=progress, done=done, store=writer.write,
+                                             counters=[c for v in chain if (c := v.counter(model)) is not None])
         finally:
             writer.close()
         metric_rows, scores = score(task, records)
-        if extra and "skip_rate" in extra:  # RoE: activated parameters from the decisions actually taken
-            p = count_params(model, extra["skip_rate"])
-            common = {**common, "params_activated": p["activated"], "params_detail": p}
+        for v in chain:  # measured counts (RoE: from the skip decisions actually taken)
+            p = v.activated_params(model, extra or {})
+            if p is not None:
+                common = {**common, "params_activated": p["activated"], "params_detail": p}
         stamp = results.utc_now()
         rows = [{**common, **timing, **r, "task": task.name, "dataset": src.name, "dataset_hash": data_hash,
                  "task_version": task.version, "normalizer": task.normalizer or None, "extra": extra,

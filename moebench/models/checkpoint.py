@@ -117,9 +117,12 @@ def _alive(pid: int) -> bool:
 
 
 def save_vlm(model, cfg: ModelConfig, tokenizer, out_dir: Path, extra: dict | None = None,
-             moe=None, roe=None) -> Path:
-    """Write weights, configs and tokenizer; `moe` / `roe` (their configs) when the LLM was transformed."""
+             variant_config: dict | None = None) -> Path:
+    """Write weights, configs and tokenizer. `variant_config`: the entries the variants' transforms need
+    to be rebuilt (Variant.checkpoint_config: `moe`, `roe`, ...); a variant's entry is null when absent."""
     from safetensors.torch import save_model
+
+    from moebench import variants
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -128,8 +131,8 @@ def save_vlm(model, cfg: ModelConfig, tokenizer, out_dir: Path, extra: dict | No
             "model": to_dict(cfg),
             "vision_config": model.vision_tower.config.to_dict(),
             "llm_config": model.llm.config.to_dict(),
-            "moe": to_dict(moe) if moe is not None else None,
-            "roe": to_dict(roe) if roe is not None else None,
+            **{v.stores: None for v in variants.VARIANTS.values() if v.stores},
+            **(variant_config or {}),
             **(extra or {}),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -145,10 +148,12 @@ def load_vlm(model_dir: Path, expect: ModelConfig | None = None, variant: str | 
     """Rebuild the architecture from model.json and load the weights (safetensors only, never pickle).
 
     With `expect`, a checkpoint whose configuration differs from the recipe is an error; with
-    `variant`, one whose structure (dense, MoE, RoE) is not that variant's.
+    `variant`, one whose structure (dense, MoE, RoE) is not that variant's. Each registered variant
+    rebuilds its part of the module tree from its model.json entry (Variant.rebuild), in order.
     Returns (model, tokenizer, meta).
     """
 
+    from moebench import variants
     from moebench.models.build import rebuild_vlm
     from moebench.models.tokenizer import load_tokenizer
 
@@ -167,16 +172,8 @@ def load_vlm(model_dir: Path, expect: ModelConfig | None = None, variant: str | 
         raise UserError(f"checkpoint {model_dir} does not match the recipe: {diff}")
     tokenizer = load_tokenizer(str(model_dir / "tokenizer"))
     model = rebuild_vlm(cfg, meta["vision_config"], meta["llm_config"], tokenizer)
-    if meta.get("moe"):
-        from moebench.config import MoEConfig
-        from moebench.moe.upcycle import upcycle
-
-        upcycle(model.llm, from_dict(MoEConfig, meta["moe"], "moe"), empty=True)
-    if meta.get("roe"):
-        from moebench.config import RoEConfig
-        from moebench.roe.model import add_roe
-
-        add_roe(model, from_dict(RoEConfig, meta["roe"], "roe"))
+    for v in variants.VARIANTS.values():
+        v.rebuild(model, meta)
     load_weights(model, model_dir / MODEL_FILE)
     model.eval()
     return model, tokenizer, meta
@@ -194,14 +191,15 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-# (has MoE layers, has RoE routers) of each variant's final model; STGC trains an MoE model
-VARIANT_STRUCTURE = {"dense": (False, False), "moe": (True, False), "stgc": (True, False), "roe": (False, True)}
-
-
 def _check_variant(meta: dict, variant: str, model_dir: Path) -> None:
-    has = (bool(meta.get("moe")), bool(meta.get("roe")))
-    if variant in VARIANT_STRUCTURE and has != VARIANT_STRUCTURE[variant]:
-        found = "an MoE" if has[0] else "an RoE" if has[1] else "a dense"
+    """The model.json entries set (`moe`, `roe`, ...) are those the variant's chain stores (STGC: an MoE model)."""
+    from moebench import variants
+
+    if variant not in variants.VARIANTS:
+        return
+    want = {v.stores for v in variants.chain(variant) if v.stores}
+    if variants.stored(meta) != want:
+        found = variants.structure_name(meta)
         raise UserError(f"{model_dir} holds {found} model, but its run says variant={variant}; "
                         "point at the run directory that trained it")
 

@@ -96,7 +96,7 @@ def bench_stgc(recipe, *, model_dir=None, steps: int = 8, batch_size: int = 8, p
     """
     import dataclasses
 
-    from moebench.config import STGCConfig, upcycle_index
+    from moebench.config import STGCConfig
     from moebench.data.conversations import ConversationDataset, Encoder, collate, read_conversations
     from moebench.data.sources import resolve
     from moebench.errors import UserError
@@ -104,7 +104,8 @@ def bench_stgc(recipe, *, model_dir=None, steps: int = 8, batch_size: int = 8, p
     from moebench.models.checkpoint import load_vlm
     from moebench.moe.stgc import STGC, conflicts
     from moebench.moe.upcycle import moe_blocks, upcycle
-    from moebench.train.pipeline import _param_groups, make_loss_fn, make_tokenizer
+    from moebench.train.pipeline import _param_groups, lm_loss_fn, make_tokenizer
+    from moebench.variants.moe import MOE, upcycle_index
 
     up = upcycle_index(recipe)
     if up is None or recipe.moe is None:
@@ -126,7 +127,7 @@ def bench_stgc(recipe, *, model_dir=None, steps: int = 8, batch_size: int = 8, p
                        tokenizer.pad_token_id) for b in range(steps)]
     groups = _param_groups(model, stage)
     params = [p for _, ps, _ in groups for p in ps]
-    loss_fn = make_loss_fn(recipe.moe)
+    loss_fn = MOE.loss_fn(lm_loss_fn(), recipe, up)  # next-token loss + the MoE terms (no STGC hook)
     base_cfg = recipe.stgc or STGCConfig()
     modes = {"moe": None, "stgc_output": dataclasses.replace(base_cfg, gradient="output"),
              "stgc_exact": dataclasses.replace(base_cfg, gradient="exact")}

@@ -24,7 +24,8 @@ import torch
 
 from moebench import distributed as parallel
 from moebench import results
-from moebench.config import MoEConfig, Recipe, StageConfig, recipe_hash, stage_key, to_dict, roe_index, tokenizer_corpus, upcycle_index
+from moebench import variants
+from moebench.config import Recipe, StageConfig, recipe_hash, stage_key, to_dict, tokenizer_corpus, trainable_modules
 from moebench.data.conversations import IGNORE, ConversationDataset, Encoder, collate, read_conversations
 from moebench.data.sources import DataSource, file_hash, resolve
 from moebench.errors import UserError
@@ -66,24 +67,22 @@ def stage_dirs(recipe: Recipe, runs_dir: Path, dhash: str) -> list[Path]:
     return [Path(runs_dir) / STAGES_DIR / f"{i}-{s.name}-{stage_key(recipe, i, dhash)}" for i, s in enumerate(recipe.stages)]
 
 
-def _trainable_parts(model) -> dict[str, list]:
-    """Module name in a stage's `train:` list -> its parameters."""
-    from moebench.moe.upcycle import decoder_layers, moe_blocks
-
-    from moebench.roe.model import roe_parameters
-
-    roe = roe_parameters(model)
-    own = {id(p) for p in roe}
-    ffn = [p for layer in decoder_layers(model.llm) for p in layer.mlp.parameters()]
-    routers = [p for _, b in moe_blocks(model) for p in b.router.parameters()]
-    return {"vision": list(model.vision_tower.parameters()), "projector": list(model.projector.parameters()),
-            "llm": [p for p in model.llm.parameters() if id(p) not in own], "ffn": ffn, "router": routers,
-            "roe": roe}
-
+def _trainable_parts(model, chain: list[variants.Variant] | None = None) -> dict[str, list]:
+    """Module name in a stage's `train:` list -> its parameters: the common parts and each variant's
+    (Variant.param_parts; every registered variant's when `chain` is None). A name no part gives has none."""
+    chain = variants.VARIANTS.values() if chain is None else chain
+    extra: dict[str, list] = {}
+    for v in chain:
+        extra.update(v.param_parts(model))
+    apart = {id(p) for v in chain for name in v.separate_from_llm for p in extra.get(name, [])}
+    ffn = [p for layer in model.llm.model.layers for p in layer.mlp.parameters()]
+    return {**{name: [] for name in trainable_modules()}, **extra,
+            "vision": list(model.vision_tower.parameters()), "projector": list(model.projector.parameters()),
+            "llm": [p for p in model.llm.parameters() if id(p) not in apart], "ffn": ffn}
 
 
-def _param_groups(model, stage: StageConfig) -> list[tuple[str, list, float]]:
-    parts = _trainable_parts(model)
+def _param_groups(model, stage: StageConfig, chain: list[variants.Variant] | None = None) -> list[tuple[str, list, float]]:
+    parts = _trainable_parts(model, chain)
     for p in model.parameters():
         p.requires_grad_(False)
     groups = []
@@ -98,13 +97,9 @@ def _param_groups(model, stage: StageConfig) -> list[tuple[str, list, float]]:
     return groups
 
 
-def make_loss_fn(moe: MoEConfig | None):
-    """Next-token loss, plus aux_loss_coef * sum of balance losses (+ z-loss) when the LLM has MoE layers.
-
-    Logs carry per-layer expert load, router entropy and dropped fraction for the training table.
-    """
+def lm_loss_fn():
+    """The next-token loss over the supervised positions (the variants add their terms to it)."""
     from moebench.models.vlm import lm_loss, supervised_positions
-    from moebench.moe.upcycle import moe_blocks, moe_losses
 
     def loss_fn(model, batch):
         keep = supervised_positions(batch["labels"])  # the LM head runs at these positions only
@@ -112,29 +107,43 @@ def make_loss_fn(moe: MoEConfig | None):
                     vision_features=batch.get("vision_features"), logits_to_keep=keep)
         supervised = (batch["labels"][:, 1:] != IGNORE).sum()  # the tokens lm_loss averages over
         lm = parallel.global_mean(lm_loss(out.logits, batch["labels"], keep), supervised)
-        logs = {"lm_loss": lm.detach()}
-        balance, z = moe_losses(model)
-        if balance is None or moe is None:
-            return lm, logs
-        aux = moe.aux_loss_coef * balance + moe.z_loss_coef * z
-        logs["aux_loss"] = aux.detach()
-        for i, block in moe_blocks(model):
-            for k, v in block.statistics().items():
-                logs[f"{k}/{i}"] = v
-        return lm + aux, logs
+        return lm, {"lm_loss": lm.detach()}
 
     return loss_fn
 
 
-def per_example(loss_fn):
-    """A loss that is a mean over examples (RoE's regularised objective): over the global batch's
-    examples under data parallelism."""
+def stage_loss_fn(recipe: Recipe, i: int, chain: list[variants.Variant] | None = None):
+    """The loss of lm stage i: the next-token loss, passed through each variant of the chain in order."""
+    loss_fn = lm_loss_fn()
+    for v in variants.chain(recipe.variant) if chain is None else chain:
+        loss_fn = v.loss_fn(loss_fn, recipe, i)
+    return loss_fn
 
-    def global_loss_fn(model, batch):
-        loss, logs = loss_fn(model, batch)
-        return parallel.global_mean(loss, batch["labels"].shape[0]), logs
 
-    return global_loss_fn
+def _stage_hooks(hooks: list[variants.StageHooks]) -> variants.StageHooks:
+    """The variants' hooks of one stage as one: each called in the chain's order."""
+    before = [h.before_step for h in hooks if h.before_step]
+    after = [h.after_backward for h in hooks if h.after_backward]
+    closes = [h.close for h in hooks if h.close]
+
+    def before_step(step: int, total: int) -> None:
+        for f in before:
+            f(step, total)
+
+    def after_backward(scale: float) -> dict:
+        logs = {}
+        for f in after:
+            logs.update(f(scale))
+        return logs
+
+    def close() -> None:
+        for f in closes:
+            f()
+
+    return variants.StageHooks(before_step=before_step if before else None,
+                               after_backward=after_backward if after else None,
+                               generators={k: g for h in hooks for k, g in h.generators.items()},
+                               close=close if closes else None)
 
 
 def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = False, progress: bool = True,
@@ -143,9 +152,9 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
 
     Under torchrun, every rank calls this; rank 0 writes (see the module docstring)."""
     w = parallel.init()
-    if w.size > 1 and recipe.stgc is not None:
-        raise UserError("variant stgc trains in one process: its conflict test compares each token's gradient "
-                        "with the mean of its expert's tokens in the batch; run it without torchrun / --nproc")
+    chain = variants.chain(recipe.variant)  # what the recipe's variant applies, in order (stgc: moe, stgc)
+    for v in chain:
+        v.check_launch(recipe, w.size)
     progress = progress and w.main
     torch.manual_seed(recipe.seed)
     src = parallel.node_first(lambda: resolve(recipe.data.source, recipe.data.world, progress=progress))
@@ -198,53 +207,35 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
                                    grounding_weight=stage.grounding_weight).to(device)
             select, loss_fn = functools.partial(_all_params, lr=stage.lr), clip_loss_fn
         else:
-            if stage.upcycle:
-                from moebench.moe.upcycle import upcycle
-
-                layers = upcycle(model.llm, recipe.moe)
-                _say(w.main, f"upcycled FFNs of layers {layers} into {recipe.moe.num_experts} experts "
-                             f"(top-{recipe.moe.top_k})")
-            if stage.add_roe:
-                from moebench.roe.model import add_roe
-
-                layers = add_roe(model, recipe.roe)
-                _say(w.main, f"RoE: layers {layers} may be skipped (target skip ratio {recipe.roe.target_skip})")
+            for v in chain:  # the stage that asks for it transforms the model (upcycle, add routers)
+                said = v.transform(model, recipe, i)
+                if said:
+                    _say(w.main, said)
             plain = model
-            select, loss_fn = functools.partial(_param_groups, stage=stage), make_loss_fn(recipe.moe)
+            select, loss_fn = functools.partial(_param_groups, stage=stage, chain=chain), stage_loss_fn(recipe, i, chain)
             _keep_images(model, dataset, stage, device, progress, frozen_tower="vision" not in stage.train)
         # module: what a step calls; net: the model it trains (a sharded copy of `plain` under FSDP2)
         module, net, groups = parallel.prepare(plain, recipe.distributed, select)
-        before_step, generators = None, None
-        if _roe_added(recipe, i) and stage.kind == "lm":
-            from moebench.roe.model import phase_hook, roe_loss_fn
-
-            trained = {name: params for name, params, _ in groups}
-            loss_fn, before_step = per_example(roe_loss_fn(recipe.roe)), phase_hook(net, recipe.roe, trained)
-            generators = {"roe": net.roe.ctx.generator}
-        stgc = None
-        if recipe.stgc is not None and _upcycled(recipe, i):
-            from moebench.moe.stgc import STGC
-            from moebench.moe.upcycle import moe_blocks
-
-            stgc = STGC(recipe.stgc, moe_blocks(net))
+        trained = {name: params for name, params, _ in groups}
+        hooks = _stage_hooks([h for v in chain if (h := v.stage_hooks(net, recipe, i, stage.kind, trained))])
         _say(progress, f"[bold]stage {i} {stage.name}[/]: {len(dataset)} samples, training {stage.train}"
                        + (f", {w.size} processes ({recipe.distributed})" if w.size > 1 else ""))
         res = run_stage(module, groups, loss_fn, dataset, batch_fn, stage,
                         seed=recipe.seed, work_dir=dirs[i], resume=resume, device=device,
                         precision=recipe.precision, log=log, on_step=on_step, progress=progress,
-                        after_backward=stgc.after_backward if stgc else None, before_step=before_step,
-                        generators=generators)
+                        after_backward=hooks.after_backward, before_step=hooks.before_step,
+                        generators=hooks.generators)
         parallel.copy_back(net, plain)
-        if _roe_added(recipe, i):
-            model.roe.ctx.mode = "hard"
-        if stgc:
-            stgc.close()
+        for v in chain:
+            v.end_stage(model, recipe, i)
+        if hooks.close:
+            hooks.close()
         if w.main:
             # stage.json whole or absent, and before the model, whose presence marks the stage done
             results.write_text_atomic(dirs[i] / "stage.json", json.dumps(
                 {"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
             save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss},
-                     moe=recipe.moe if _upcycled(recipe, i) else None, roe=recipe.roe if _roe_added(recipe, i) else None)
+                     variant_config={k: c for v in chain for k, c in v.checkpoint_config(recipe, i).items()})
             shutil.rmtree(dirs[i] / "partial", ignore_errors=True)
             (dirs[i] / NONFINITE_FILE).unlink(missing_ok=True)
         parallel.barrier()
@@ -288,16 +279,6 @@ def _all_params(module, lr: float) -> list[tuple[str, list, float]]:
     for p in module.parameters():
         p.requires_grad_(True)
     return [("vision", list(module.parameters()), lr)]
-
-
-def _upcycled(recipe: Recipe, i: int) -> bool:
-    up = upcycle_index(recipe)
-    return up is not None and i >= up
-
-
-def _roe_added(recipe: Recipe, i: int) -> bool:
-    ri = roe_index(recipe)
-    return ri is not None and i >= ri
 
 
 def _link_or_copy(src: str, dst: str) -> None:

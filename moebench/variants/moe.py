@@ -1,0 +1,126 @@
+"""MoE-LLaVA (`variant: moe`, section `moe:`): at the stage with `upcycle: true` the FFNs named in
+`moe:` become experts (moebench/moe/upcycle.py); the loss gains aux_loss_coef * balance (+ z-loss);
+model.json stores the section; evaluation counts each layer's expert load."""
+
+from __future__ import annotations
+
+from moebench.config import moe_layer_indices, to_dict
+from moebench.errors import UserError
+from moebench.variants.base import Counter, Variant
+
+
+class _LoadCounter(Counter):
+    """Per MoE layer, the token-expert pairs processed (moebench.moe.upcycle.LoadCounter), over ranks."""
+
+    def __init__(self, model):
+        from moebench.moe.upcycle import LoadCounter
+
+        self.load = LoadCounter(model)
+
+    def __enter__(self):
+        self.load.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.load.__exit__(*exc)
+
+    def state(self):
+        return {i: c.tolist() for i, c in self.load.counts.items()}
+
+    def merge(self, states: list) -> None:
+        import torch
+
+        for i in self.load.counts:
+            self.load.counts[i] = torch.tensor([sum(c) for c in zip(*(s[i] for s in states))], dtype=torch.float64)
+
+    def extra(self) -> dict:
+        return {"expert_load": self.load.load()} if self.load.blocks else {}
+
+
+class MoE(Variant):
+    name = "moe"
+    section = "moe"
+    stage_flag = "upcycle"
+    stores = "moe"
+    structure = "an MoE"
+    param_names = ("router",)  # the MoE routers only (ffn holds them too)
+
+    def validate(self, recipe) -> None:
+        self.one_transform_stage(recipe)
+        m = recipe.moe
+        if m is None:
+            return
+        if m.num_experts < 1:
+            raise UserError(f"moe.num_experts={m.num_experts} must be >= 1")
+        if not 1 <= m.top_k <= m.num_experts:
+            raise UserError(f"moe.top_k={m.top_k} must be between 1 and moe.num_experts={m.num_experts}")
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            cf = getattr(m, key)
+            if cf is not None and cf <= 0:
+                raise UserError(f"moe.{key}={cf} must be > 0 (or null for dropless routing)")
+        if m.aux_loss_coef < 0 or m.z_loss_coef < 0:
+            raise UserError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
+        if isinstance(m.layers, list):
+            if not m.layers:
+                raise UserError("moe.layers is an empty list; name at least one decoder layer")
+            if recipe.model.llm.pretrained is None:
+                moe_layer_indices(m.layers, recipe.model.llm.layers)
+
+    def stage_key_part(self, recipe, i: int) -> dict:
+        # stages before the upcycling one are shared with the dense recipe
+        return {"moe": to_dict(recipe.moe)} if self.applied(recipe, i) else {}
+
+    def transform(self, model, recipe, i: int) -> str | None:
+        if i != self.stage_index(recipe):
+            return None
+        from moebench.moe.upcycle import upcycle
+
+        layers = upcycle(model.llm, recipe.moe)
+        return f"upcycled FFNs of layers {layers} into {recipe.moe.num_experts} experts (top-{recipe.moe.top_k})"
+
+    def param_parts(self, model) -> dict[str, list]:
+        from moebench.moe.upcycle import moe_blocks
+
+        return {"router": [p for _, b in moe_blocks(model) for p in b.router.parameters()]}
+
+    def loss_fn(self, loss_fn, recipe, i: int):
+        """+ aux_loss_coef * sum of balance losses (+ z-loss) when the LLM has MoE layers; the logs carry
+        per-layer expert load, router entropy and dropped fraction for the training table."""
+        from moebench.moe.upcycle import moe_blocks, moe_losses
+
+        cfg = recipe.moe
+
+        def moe_loss_fn(model, batch):
+            loss, logs = loss_fn(model, batch)
+            balance, z = moe_losses(model)
+            if balance is None or cfg is None:
+                return loss, logs
+            aux = cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
+            logs["aux_loss"] = aux.detach()
+            for j, block in moe_blocks(model):
+                for k, v in block.statistics().items():
+                    logs[f"{k}/{j}"] = v
+            return loss + aux, logs
+
+        return moe_loss_fn
+
+    def checkpoint_config(self, recipe, i: int) -> dict:
+        return {"moe": to_dict(recipe.moe)} if self.applied(recipe, i) else {}
+
+    def rebuild(self, model, meta: dict) -> None:
+        if meta.get("moe"):
+            from moebench.config import MoEConfig, from_dict
+            from moebench.moe.upcycle import upcycle
+
+            upcycle(model.llm, from_dict(MoEConfig, meta["moe"], "moe"), empty=True)
+
+    def counter(self, model) -> Counter:
+        return _LoadCounter(model)
+
+
+MOE = MoE()
+
+
+def upcycle_index(recipe) -> int | None:
+    """The index of the stage that upcycles the model, or None for a dense recipe."""
+    return MOE.stage_index(recipe)

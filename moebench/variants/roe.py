@@ -1,0 +1,153 @@
+"""RoE (`variant: roe`, section `roe:`): at the stage with `add_roe: true` the routable LLM layers get an
+adapter shortcut and a router (moebench/roe/model.py); from then on the loss is the per-example
+structure-sparsity objective and a phase hook moves warm-up -> route -> tune; model.json stores the
+section; evaluation counts each layer's skip rate and the activated parameters the skips give."""
+
+from __future__ import annotations
+
+from moebench.config import to_dict
+from moebench.errors import UserError
+from moebench.variants.base import Counter, StageHooks, Variant
+
+
+def per_example(loss_fn):
+    """A loss that is a mean over examples (RoE's regularised objective): over the global batch's
+    examples under data parallelism."""
+
+    from moebench import distributed as parallel
+
+    def global_loss_fn(model, batch):
+        loss, logs = loss_fn(model, batch)
+        return parallel.global_mean(loss, batch["labels"].shape[0]), logs
+
+    return global_loss_fn
+
+
+class _SkipCounter(Counter):
+    """Per routable layer, the examples that skipped it (moebench.roe.model.SkipCounter), over ranks."""
+
+    def __init__(self, model):
+        from moebench.roe.model import SkipCounter
+
+        self.skips = SkipCounter(model)
+
+    def __enter__(self):
+        self.skips.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.skips.__exit__(*exc)
+
+    def state(self):
+        return {i: (layer.seen, layer.skipped) for i, layer in self.skips.layers}
+
+    def merge(self, states: list) -> None:
+        for i, layer in self.skips.layers:
+            layer.seen, layer.skipped = (sum(x) for x in zip(*(s[i] for s in states)))
+
+    def extra(self) -> dict:
+        if not self.skips.layers:
+            return {}
+        rates = self.skips.rates()
+        return {"skip_rate": rates, "skip_ratio": sum(rates.values()) / len(self.skips.layers)}  # over routable layers
+
+
+class RoE(Variant):
+    name = "roe"
+    section = "roe"
+    stage_flag = "add_roe"
+    stores = "roe"
+    structure = "an RoE"
+    param_names = ("roe",)  # routing tokens, adapters and layer routers
+    separate_from_llm = ("roe",)  # llm then means the rest of the LLM
+
+    def validate(self, recipe) -> None:
+        self.one_transform_stage(recipe)
+        r = recipe.roe
+        if r is None:
+            return
+        if not 0 <= r.target_skip < 1:
+            raise UserError(f"roe.target_skip={r.target_skip} must be in [0, 1)")
+        if r.adapter_rank is not None and r.adapter_rank <= 0:
+            raise UserError(f"roe.adapter_rank={r.adapter_rank} must be > 0 (or null for hidden_size / 2)")
+        if r.reg_coef < 0:
+            raise UserError(f"roe.reg_coef={r.reg_coef} must be >= 0")
+        if not (r.temp_start > 0 and r.temp_end > 0):
+            raise UserError("roe.temp_start and roe.temp_end must be > 0")
+        if not 0 <= r.warmup_fraction <= r.tune_fraction <= 1:
+            raise UserError(f"roe: need 0 <= warmup_fraction ({r.warmup_fraction}) <= tune_fraction "
+                            f"({r.tune_fraction}) <= 1")
+        if r.layers is not None and recipe.model.llm.pretrained is None:
+            n = recipe.model.llm.layers
+            bad = [i for i in r.layers if not 1 <= i < n]
+            if bad:
+                raise UserError(f"roe.layers: index {bad[0]} is out of range; routable layers are 1..{n - 1} "
+                                "(layer 0 is never skipped: the KV-cache length is read from it)")
+        if r.layers is None and recipe.model.llm.pretrained is None and recipe.model.llm.layers < 3:
+            raise UserError(f"roe: an LLM of {recipe.model.llm.layers} layers has none to route (the first and last "
+                            "always run); set roe.layers or use 3 or more layers")
+        if r.layers is not None and 0 in r.layers:
+            raise UserError("roe.layers: layer 0 cannot be routable (the KV-cache length is read from it)")
+
+    def stage_key_part(self, recipe, i: int) -> dict:
+        return {"roe": to_dict(recipe.roe)} if self.applied(recipe, i) else {}
+
+    def transform(self, model, recipe, i: int) -> str | None:
+        if i != self.stage_index(recipe):
+            return None
+        from moebench.roe.model import add_roe
+
+        layers = add_roe(model, recipe.roe)
+        return f"RoE: layers {layers} may be skipped (target skip ratio {recipe.roe.target_skip})"
+
+    def param_parts(self, model) -> dict[str, list]:
+        from moebench.roe.model import roe_parameters
+
+        return {"roe": roe_parameters(model)}
+
+    def loss_fn(self, loss_fn, recipe, i: int):
+        if not self.applied(recipe, i):
+            return loss_fn
+        from moebench.roe.model import roe_loss_fn
+
+        return per_example(roe_loss_fn(recipe.roe))
+
+    def stage_hooks(self, net, recipe, i: int, kind: str, parts: dict[str, list]) -> StageHooks | None:
+        if not (self.applied(recipe, i) and kind == "lm"):
+            return None
+        from moebench.roe.model import phase_hook
+
+        before_step = phase_hook(net, recipe.roe, parts)
+        return StageHooks(before_step=before_step, generators={"roe": net.roe.ctx.generator})
+
+    def end_stage(self, model, recipe, i: int) -> None:
+        if self.applied(recipe, i):
+            model.roe.ctx.mode = "hard"
+
+    def checkpoint_config(self, recipe, i: int) -> dict:
+        return {"roe": to_dict(recipe.roe)} if self.applied(recipe, i) else {}
+
+    def rebuild(self, model, meta: dict) -> None:
+        if meta.get("roe"):
+            from moebench.config import RoEConfig, from_dict
+            from moebench.roe.model import add_roe
+
+            add_roe(model, from_dict(RoEConfig, meta["roe"], "roe"))
+
+    def counter(self, model) -> Counter:
+        return _SkipCounter(model)
+
+    def activated_params(self, model, extra: dict) -> dict | None:
+        if "skip_rate" not in extra:
+            return None
+        from moebench.models.params import count_params
+
+        return count_params(model, extra["skip_rate"])  # from the decisions actually taken
+
+
+ROE = RoE()
+
+
+def roe_index(recipe) -> int | None:
+    """The index of the stage that adds RoE, or None."""
+    return ROE.stage_index(recipe)
