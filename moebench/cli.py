@@ -416,7 +416,8 @@ def bench_moe_layer(
         t.add_column(col, justify="left" if col == "contender" else "right")
     for name, sec in r["seconds"].items():
         vs = r["ratio_to_loop_paired"]
-        t.add_row(name, f"{1000 * sec:.1f}", f"{r['ratio_to_dense'][name]:.2f}",
+        t.add_row(name + (" = moebench default" if name == r["default"] else ""), f"{1000 * sec:.1f}",
+                  f"{r['ratio_to_dense'][name]:.2f}",
                   f"{vs[name]:.3f}" if name in vs else "1", f"{r['rounds_faster_than_loop'][name]:.0%}" if name in vs else "")
     out.print(t)
     out.print("x loop (paired): the median over rounds of each contender's time over the naive loop's in the same round")

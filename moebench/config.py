@@ -151,8 +151,8 @@ class MoEConfig:
     capacity_factor: float | None = None  # training; None = dropless
     eval_capacity_factor: float | None = None  # evaluation; None = dropless
     shared_expert: Literal["none", "plain", "gated"] = "none"
-    # expert kernel: segment_mm (moebench.moe.kernels: fused per-expert segments on CPU, grouped_mm on
-    # CUDA) or one of transformers.integrations.moe's; None = segment_mm where torch has a grouped matmul
+    # expert kernel, one of transformers.integrations.moe's; None = grouped_mm on CUDA, eager on CPU
+    # ("segment_mm", a kernel of earlier versions, is refused with what to use instead)
     implementation: Literal["segment_mm", "grouped_mm", "batched_mm", "eager"] | None = None
 
 

@@ -101,7 +101,7 @@ def test_layer_placements():
 # ----------------------------------------------------------------------------- the layer vs a naive reference
 
 
-def _random_block(kind: str, *, top_k=2, capacity=None, shared=None, impl="segment_mm", seed=0, act=None):
+def _random_block(kind: str, *, top_k=2, capacity=None, shared=None, impl="grouped_mm", seed=0, act=None):
     torch.manual_seed(seed)
     d, f, e = 16, 24, 4
     cls, default_act = (GatedExperts, "silu") if kind == "gated" else (PlainExperts, "gelu_new")
@@ -151,7 +151,7 @@ def _naive(block: MoEBlock, x: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 
 
 @pytest.mark.parametrize("kind", ["gated", "plain"])
-@pytest.mark.parametrize("impl", ["segment_mm", "grouped_mm", "eager"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 @pytest.mark.parametrize("capacity,shared", [(None, None), (0.6, None), (None, "plain"), (0.6, "gated")])
 def test_layer_matches_naive_reference(kind, impl, capacity, shared):
     """Outputs and input gradients equal a per-token loop (atol 1e-5), with dropping and shared experts."""
@@ -173,16 +173,11 @@ def test_layer_matches_naive_reference(kind, impl, capacity, shared):
         assert block.statistics()["dropped"] > 0  # the example really drops tokens
 
 
-@pytest.mark.parametrize("act,rows", [("silu", 2048), ("silu", 3), ("gelu", 4)])
-def test_segment_mm_gradients_match_the_naive_loop(monkeypatch, act, rows):
-    """The fused CPU kernel's output and its input, routing-weight and expert-weight gradients equal the
-    eager loop's, with row blocks smaller than a segment (rows=3, 4), an activation other than SiLU, a
-    zero routing weight (a dropped pair) and an expert that gets no token."""
-    from moebench.moe import kernels
-    from moebench.moe.layer import _eager_experts
-
-    monkeypatch.setattr(kernels, "ROWS", rows)
-    experts = _random_block("gated", act=act).experts
+@pytest.mark.parametrize("kind,act", [("gated", "silu"), ("gated", "gelu"), ("plain", "gelu_new")])
+def test_grouped_mm_gradients_match_the_eager_loop(kind, act):
+    """transformers' grouped_mm gives the eager loop's output and its input, routing-weight and expert-weight
+    gradients (biases too), with a zero routing weight (a dropped pair) and an expert that gets no token."""
+    experts = _random_block(kind, act=act).experts
     gen = torch.Generator().manual_seed(2)
     n = 23
     x = torch.randn(n, 16, generator=gen)
@@ -191,49 +186,45 @@ def test_segment_mm_gradients_match_the_naive_loop(monkeypatch, act, rows):
     weight[5, 1] = 0.0
     g = torch.randn(n, 16, generator=gen)
     results = []
-    for fn in (kernels.segment_mm_experts_forward, _eager_experts):
+    for impl in ("grouped_mm", "eager"):
+        experts.config._experts_implementation = impl
         experts.zero_grad()
         xi, wi = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        out = fn(experts, xi, index, wi)
+        out = experts(xi, index, wi)
         (out * g).sum().backward()
-        results.append([out.detach(), xi.grad, wi.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()])
+        results.append([out.detach(), xi.grad, wi.grad, *(p.grad.clone() for p in experts.parameters())])
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-5)
-    assert torch.equal(results[0][3][3], torch.zeros(48, 16))  # the unused expert's gradient is zero
+    for p in results[0][3:]:
+        assert torch.equal(p[3], torch.zeros_like(p[3]))  # the unused expert's gradients are zero
 
 
-def test_segment_mm_buffer_reuse_keeps_saved_tensors_intact():
-    """The pooled buffers: two forwards before either backward (two MoE layers), and no-grad forwards
-    in between (which hand their buffers straight back), give the eager loop's gradients; a second
-    backward through one forward is refused instead of reading reused buffers."""
-    from moebench.moe import kernels
-    from moebench.moe.layer import _eager_experts
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+def test_training_step_is_deterministic_on_cpu(impl):
+    """Two forward + backward passes from the same state give bit-identical outputs and gradients."""
+    block = _random_block("gated", impl=impl)
+    x = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for _ in range(2):
+        block.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = block(xi)
+        (out.square().sum() + block.last.aux_loss).backward()
+        runs.append([out.detach(), xi.grad, *(p.grad.clone() for p in block.parameters())])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
-    experts = _random_block("gated").experts
-    gen = torch.Generator().manual_seed(3)
-    n = 30
-    xs = [torch.randn(n, 16, generator=gen) for _ in range(2)]
-    index = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(n)])
-    weight = torch.rand(n, 2, generator=gen)
-    grads = []
-    for fn in (kernels.segment_mm_experts_forward, _eager_experts):
-        experts.zero_grad()
-        inputs = [x.clone().requires_grad_(True) for x in xs]
-        h = fn(experts, inputs[0], index, weight)
-        with torch.no_grad():
-            fn(experts, torch.randn(n, 16, generator=gen), index, weight)
-        out = fn(experts, h + inputs[1], index, weight)  # the second layer's buffers are taken while the first's are saved
-        with torch.no_grad():
-            fn(experts, torch.randn(n, 16, generator=gen), index, weight)
-        out.square().sum().backward()
-        grads.append([inputs[0].grad, inputs[1].grad, experts.gate_up_proj.grad.clone()])
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-5)
-    x = xs[0].clone().requires_grad_(True)
-    out = kernels.segment_mm_experts_forward(experts, x, index, weight).sum()
-    out.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        out.backward()
+
+def test_default_implementation_and_the_removed_kernel():
+    """grouped_mm on CUDA, the eager loop on CPU; the removed "segment_mm" is an error that says what to use."""
+    from moebench.errors import UserError
+    from moebench.moe.layer import default_implementation
+
+    assert default_implementation("cpu") == "eager"
+    assert default_implementation(torch.device("cuda", 0)) == "grouped_mm"
+    assert default_implementation() == ("grouped_mm" if torch.cuda.is_available() else "eager")
+    with pytest.raises(UserError, match="moe.implementation=segment_mm.*gone.*grouped_mm or eager"):
+        ExpertsConfig("segment_mm")
 
 
 def test_eval_routing_is_deterministic():

@@ -45,12 +45,9 @@ def bench_moe_layer(*, experts: int = 4, top_k: int = 2, hidden: int = 512, ffn:
     contenders = {"dense_ffn_equal_flops": DenseSwiGLU(hidden, top_k * ffn)}
     # transformers' "batched_mm" kernel is left out: it gathers one weight matrix per token-expert pair
     # (8192 x 2816 x 512 floats = 47 GB at the default sizes)
-    impls = ["segment_mm", "grouped_mm", "eager"] if default_implementation() == "segment_mm" else ["eager"]
-    names = {"segment_mm": "moe_segment_mm (moebench default)",
-             "grouped_mm": "moe_grouped_mm (transformers kernel)",
-             "eager": "moe_naive_expert_loop (Mixtral eager)"}
-    for impl in impls:
-        contenders[names[impl]] = _moe(hidden, ffn, experts, top_k, impl)
+    names = {"grouped_mm": "moe_grouped_mm (transformers kernel)", "eager": "moe_naive_expert_loop (Mixtral eager)"}
+    for impl, name in names.items():
+        contenders[name] = _moe(hidden, ffn, experts, top_k, impl)
     for m in contenders.values():
         m.to(device=dev, dtype=dt)
     x = torch.randn(1, tokens, hidden, device=dev, dtype=dt)
@@ -79,6 +76,7 @@ def bench_moe_layer(*, experts: int = 4, top_k: int = 2, hidden: int = 512, ffn:
         "config": {"experts": experts, "top_k": top_k, "hidden": hidden, "ffn": ffn, "tokens": tokens,
                    "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "repeats": repeats,
                    "torch": torch.__version__},
+        "default": names[default_implementation(dev)],  # the contender moe.implementation unset picks here
         "seconds": med,
         "ratio_to_dense": {n: v / base for n, v in med.items()},
         "ratio_to_loop_paired": {n: statistics.median(r) for n, r in paired.items()},

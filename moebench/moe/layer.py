@@ -5,11 +5,12 @@
     y = sum_j w_j * expert_{e_j}(x)  [+ shared(x), optionally scaled by sigmoid(g . x)]
 
 Experts are stored as stacked weights (E, ...) and dispatched through transformers' experts interface
-(`transformers.integrations.moe`). The default, "segment_mm" (moebench.moe.kernels), sorts the
-token-expert pairs by expert and runs each expert's contiguous segment through grouped matmuls on CUDA
-and a fused SwiGLU on CPU; "grouped_mm" is transformers' grouped kernel on both; "eager" is the naive
-per-expert loop of transformers' Mixtral block, kept as the reference and as the benchmark baseline.
-No Python loop over tokens on the default path.
+(`transformers.integrations.moe`, `moe.implementation`): "eager" is the per-expert loop of transformers'
+Mixtral block (one gather and one matmul per projection per expert that received tokens, no loop over
+tokens), the naive reference of the tests and benchmarks; "grouped_mm" is transformers' kernel that
+sorts the token-expert pairs by expert and runs each projection as one grouped matmul. The default is
+grouped_mm on CUDA and eager on CPU, where the loop was measured faster at the main job's sizes
+(issue 28; docs/performance.md).
 
 Routing never samples: top-k is taken on the probabilities at training and at evaluation alike.
 Padding tokens (the `token_mask` set by the VLM before each forward) are not routed: they get weight
@@ -26,20 +27,32 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
-import moebench.moe.kernels  # noqa: F401  (registers the "segment_mm" experts implementation)
+from moebench.errors import UserError
+
+# names that recipes or saved runs may still carry, with what replaced them
+_REMOVED = {"segment_mm": "moebench's hand-written CPU kernel is gone: it saved about 1% "
+                          "of the main job's time"}
 
 
 @dataclass
 class ExpertsConfig:
     """What transformers' experts dispatcher reads: which kernel to use."""
 
-    _experts_implementation: str = "segment_mm"
+    _experts_implementation: str = "eager"
+
+    def __post_init__(self):
+        name = self._experts_implementation
+        if name in _REMOVED:
+            raise UserError(f"moe.implementation={name}: {_REMOVED[name]}. Choose grouped_mm or eager, or leave "
+                            f"moe.implementation unset (eager on CPU, grouped_mm on CUDA); a saved run that names "
+                            f"it loads once 'implementation' is removed from the moe section of its model.json")
 
 
-def default_implementation() -> str:
-    """segment_mm where torch has a grouped matmul (torch >= 2.9 on CPU and CUDA), else the eager loop."""
-    has = hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
-    return "segment_mm" if has else "eager"
+def default_implementation(device: torch.device | str | None = None) -> str:
+    """transformers' grouped_mm on CUDA, the eager loop on CPU (faster there at the main job's sizes).
+    Without `device`, the device moebench trains and evaluates on: CUDA when there is one."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return "grouped_mm" if kind == "cuda" else "eager"
 
 
 def _eager_experts(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
