@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from moebench import variants
 from moebench.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -77,9 +78,6 @@ def train(
             paths.append(Path(arg))
     paths = [find_yaml(p) for p in paths]  # files, for the torchrun workers too
     recs = [load_recipe(p, sets) for p in paths]  # a bad recipe (or task) fails here, before anything trains
-    vision = [p for p, r in zip(paths, recs) if getattr(r, "kind", None) == "vision"]
-    if vision and (_world_size() > 1 or (nproc or 1) > 1):
-        raise UserError(f"{vision[0]} is a vision (ViMoE) recipe; those train in one process: drop --nproc / torchrun")
     if (nproc or 1) > 1:
         _torchrun(nproc, ["train", *map(str, paths), *sets, "--runs", str(runs), "--results", str(results),
                           *(["--resume"] if resume else []), "--eval" if eval_ else "--no-eval",
@@ -90,20 +88,15 @@ def train(
 
 
 def _train_one(rec, *, runs: Path, results: Path, resume: bool, eval_: bool, progress: bool) -> None:
-    if getattr(rec, "kind", None) == "vision":  # ViMoE: dense parent, then each variant, each evaluated
-        from moebench.vision.train import train_vision
-
-        _print_headlines(train_vision(rec, runs_dir=runs, results_dir=results, progress=progress))
-        return
     from moebench.train.pipeline import train as run_train
 
     run = run_train(rec, runs_dir=runs, results_dir=results, resume=resume, progress=progress)
     if _rank() == 0:
         err.print(f"[green]trained[/] {run.dir} (final loss {run.meta['final_loss']:.4f}, {run.meta['train_seconds']:.0f}s)")
-    if eval_ and rec.eval.tasks:
+    if eval_ and rec.eval_tasks:
         from moebench.eval.runner import evaluate_run
 
-        rows = evaluate_run(run, rec.eval.tasks, data=None, batch_size=rec.eval.batch_size, limit=rec.eval.limit,
+        rows = evaluate_run(run, rec.eval_tasks, data=None, batch_size=rec.eval.batch_size, limit=rec.eval.limit,
                             results_dir=results, max_new_tokens=rec.eval.max_new_tokens, progress=progress)
         _print_headlines(rows)
 
@@ -275,16 +268,11 @@ def ci(
         base = read_baseline(baseline)
     names = set()
     for rec in loaded:
-        if getattr(rec, "kind", None) == "vision":
-            from moebench.vision.train import train_vision
-
-            names |= {model_name(r["run"]) for r in train_vision(rec, runs_dir=runs, results_dir=results, progress=False)}
-            continue
         from moebench.eval.runner import evaluate_run
         from moebench.train.pipeline import train as run_train
 
         run = run_train(rec, runs_dir=runs, results_dir=results, progress=False)
-        evaluate_run(run, rec.eval.tasks, data=None, batch_size=rec.eval.batch_size, limit=rec.eval.limit,
+        evaluate_run(run, rec.eval_tasks, data=None, batch_size=rec.eval.batch_size, limit=rec.eval.limit,
                      results_dir=results, max_new_tokens=rec.eval.max_new_tokens, progress=False, log_samples=False)
         names.add(model_name(run.name))
     current = [r for r in res.latest_rows(res.read_table([str(results)], "metrics")).to_pylist()
@@ -347,7 +335,7 @@ def plan(
     from rich.table import Table
 
     from moebench.config import load_recipe
-    from moebench.moe.plan import plan as make_plan
+    from moebench.plan import plan as make_plan
 
     rec = load_recipe(recipe, overrides or [])
     if getattr(rec, "kind", None) == "vision":
@@ -361,10 +349,8 @@ def plan(
     t = Table(title=f"{p['recipe']} ({p['variant']})")
     for c in ("part", "total", "activated / token", "note"):
         t.add_column(c, justify="left" if c in ("part", "note") else "right")
-    moe = f"{len(llm['moe_layers'])} MoE layers x {llm['experts']} experts, top-{llm['top_k']}" if llm["moe_layers"] else "dense"
-    if llm["roe_layers"]:
-        moe = f"RoE: {len(llm['roe_layers'])} routable layers, activated at target skip {llm['roe_target_skip']}"
-    t.add_row("LLM", _b(llm["total"]), _b(llm["activated"]), f"{moe}; embeddings + LM head {_b(llm['embeddings'])} counted")
+    t.add_row("LLM", _b(llm["total"]), _b(llm["activated"]),
+              f"{llm['structure']}; embeddings + LM head {_b(llm['embeddings'])} counted")
     t.add_row("vision tower", _b(p["vision"]["total"]), _b(p["vision"]["total"]), f"{p['vision']['tokens_per_image']} image tokens")
     t.add_row("projector", _b(p["projector"]["total"]), _b(p["projector"]["total"]), "")
     t.add_row("all", _b(p["total"]), _b(p["activated"]), "")
@@ -379,128 +365,9 @@ def _b(n: int) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
-@bench_app.command("moe-layer")
-def bench_moe_layer(
-    experts: int = typer.Option(4, help="Routed experts E."),
-    top_k: int = typer.Option(2, "--top-k", help="Experts per token k."),
-    hidden: int = typer.Option(512, help="Model width d."),
-    ffn: int = typer.Option(1408, help="SwiGLU width f of one expert."),
-    tokens: int = typer.Option(4096, help="Tokens per forward."),
-    repeats: int = typer.Option(5, help="Timed rounds (median reported)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    dtype: str = typer.Option("fp32", help="fp32 or bf16."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-):
-    """Forward+backward of one MoE layer vs the equal-FLOPs dense FFN, the naive expert loop and transformers' kernels."""
-    import torch
-
-    from moebench.moe.bench import bench_moe_layer as run_bench
-
-    if top_k > experts:
-        raise UserError(f"--top-k {top_k} is larger than --experts {experts}; choose top_k <= experts")
-    if dtype not in ("fp32", "bf16"):
-        raise UserError(f"--dtype {dtype!r}: choose fp32 or bf16")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device here; use --device cpu")
-    r = run_bench(experts=experts, top_k=top_k, hidden=hidden, ffn=ffn, tokens=tokens, repeats=repeats,
-                  device=device, dtype=dtype)
-    if as_json:
-        print(json.dumps(r, indent=1))
-        return
-    from rich.table import Table
-
-    c = r["config"]
-    t = Table(title=f"MoE layer fwd+bwd: E={c['experts']} k={c['top_k']} d={c['hidden']} f={c['ffn']} "
-                    f"{c['tokens']} tokens, {c['dtype']} {c['device']} ({c['threads']} threads)")
-    for col in ("contender", "ms (median)", "x dense", "x loop (paired)", "rounds faster than loop"):
-        t.add_column(col, justify="left" if col == "contender" else "right")
-    for name, sec in r["seconds"].items():
-        vs = r["ratio_to_loop_paired"]
-        t.add_row(name + (" = moebench default" if name == r["default"] else ""), f"{1000 * sec:.1f}",
-                  f"{r['ratio_to_dense'][name]:.2f}",
-                  f"{vs[name]:.3f}" if name in vs else "1", f"{r['rounds_faster_than_loop'][name]:.0%}" if name in vs else "")
-    out.print(t)
-    out.print("x loop (paired): the median over rounds of each contender's time over the naive loop's in the same round")
-
-
-@bench_app.command("stgc")
-def bench_stgc(
-    recipe: Path = typer.Argument(Path("shapes_stgc"), help="An MoE or STGC recipe, file or bundled name (its stage-III data and settings)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="A trained run or stage model dir; default: the recipe's model upcycled at init."),
-    steps: int = typer.Option(8, min=1, help="Batches (each timed once per mode)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Conversations per batch."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-):
-    """STGC step time vs plain MoE (output and exact modes), and the Pearson correlation of their cosines."""
-    from moebench.config import load_recipe
-    from moebench.moe.bench import bench_stgc as run_bench
-
-    model_dir = (model / "model" if (model / "model").is_dir() else model) if model else None
-    r = run_bench(load_recipe(recipe), model_dir=model_dir, steps=steps, batch_size=batch_size)
-    if as_json:
-        print(json.dumps(r, indent=1))
-        return
-    from rich.table import Table
-
-    t = Table(title=f"STGC on {r['recipe']}: {r['steps']} batches of {r['batch_size']}, {r['model']}")
-    for col in ("mode", "s / step (median)", "x plain MoE"):
-        t.add_column(col, justify="left" if col == "mode" else "right")
-    for name, sec in r["seconds_per_step"].items():
-        t.add_row(name, f"{sec:.3f}", f"{r['ratio_to_moe'][name]:.2f}")
-    out.print(t)
-    out.print(f"Pearson r between output- and exact-mode gradient cosines over {r['pairs']} routed pairs: "
-              f"{r['pearson_output_vs_exact']:.3f}; conflict flags agree on {100 * r['flag_agreement']:.1f}% "
-              f"(conflict rate output {r['conflict_rate']['output']:.3f}, exact {r['conflict_rate']['exact']:.3f})")
-
-
-@bench_app.command("roe")
-def bench_roe(
-    model: Optional[Path] = typer.Option(None, "--model", help="An RoE run directory; default: the most recent run."),
-    task: str = typer.Option("gqa", help="Whose prompts to time."),
-    limit: int = typer.Option(64, min=1, help="Prompts per batch size."),
-    batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma-separated batch sizes."),
-    new_tokens: int = typer.Option(4, "--new-tokens", min=1, help="Tokens generated per prompt (fixed)."),
-    repeats: int = typer.Option(3, min=1, help="Timed rounds per mode (median)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch (default: torch's own)."),
-    runs: Path = RUNS,
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-):
-    """Time per sample of an RoE run skipping for real vs the same model running every layer."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-
-    from moebench.roe.bench import bench_roe as run_bench
-    from moebench.runs import latest_run, open_run
-
-    try:
-        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise UserError(f"--batch-sizes {batch_sizes!r}: give integers, e.g. 1,8") from None
-    run = open_run(model) if model else latest_run(runs)
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"--device {device!r}: give cpu, or cuda on a machine with a GPU")
-    r = run_bench(run, task=task, limit=limit, batch_sizes=sizes, max_new_tokens=new_tokens, repeats=repeats,
-                  device=device)
-    if as_json:
-        print(json.dumps(r, indent=1))
-        return
-    from rich.table import Table
-
-    t = Table(title=f"RoE {r['run']}: {r['samples']} {r['task']} prompts, {r['new_tokens']} new tokens, "
-                    f"skip ratio {r['skip_ratio_all_layers']:.3f} of all layers")
-    for col in ("batch size", "RoE ms/sample", "dense ms/sample", "prefill RoE/dense", "decode RoE/dense",
-                "RoE / dense", "1 - 0.7 s", "rounds under"):
-        t.add_column(col, justify="right")
-    for bs, x in r["by_batch_size"].items():
-        pre, dec = x["prefill_ms_per_sample"], x["decode_ms_per_sample"]
-        t.add_row(bs, f"{x['roe_ms_per_sample']:.2f}", f"{x['dense_ms_per_sample']:.2f}",
-                  f"{pre['roe']:.2f}/{pre['dense']:.2f}", f"{dec['roe']:.2f}/{dec['dense']:.2f}", f"{x['ratio']:.3f}",
-                  f"{x['bound_1_minus_0.7s']:.3f}", f"{x['rounds_under_bound']}/{x['rounds']}")
-    out.print(t)
-    out.print(f"skip rate per layer: {r['skip_rate']}")
+for _variant in variants.VARIANTS.values():  # each variant's own benchmarks (`bench moe-layer`, `bench roe`, ...)
+    for _name, _command in _variant.commands.items():
+        bench_app.command(_name)(_command)
 
 
 @analyze_app.command("routing")

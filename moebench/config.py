@@ -31,7 +31,7 @@ class VisionConfig:
 
     name: Literal["clip"] = "clip"
     pretrained: str | None = None
-    arch: str | None = None  # architecture preset of the pretrained tower, for `moebench plan` (see moe/plan.py)
+    arch: str | None = None  # architecture preset of the pretrained tower, for `moebench plan` (see plan.py)
     image_size: int = 48
     patch_size: int = 8
     hidden_size: int = 128
@@ -55,7 +55,7 @@ class LLMConfig:
 
     family: Literal["qwen2", "llama", "stablelm", "phi"] = "qwen2"
     pretrained: str | None = None
-    arch: str | None = None  # architecture preset of the pretrained LLM, for `moebench plan` (see moe/plan.py)
+    arch: str | None = None  # architecture preset of the pretrained LLM, for `moebench plan` (see plan.py)
     hidden_size: int = 128
     layers: int = 4
     heads: int = 4
@@ -185,8 +185,8 @@ class RoEConfig:
 
 @dataclass
 class ViTConfig:
-    """A ViMoE backbone: open_clip's VisionTransformer from `arch` (an open_clip config name, e.g.
-    ViT-B-16) or from the sizes; `moe` turns chosen block MLPs into experts."""
+    """A vision backbone: open_clip's VisionTransformer from `arch` (an open_clip config name, e.g.
+    ViT-B-16) or from the sizes. `routing_unit` is how its MoE blocks (variant vimoe) route."""
 
     arch: str | None = None
     pretrained: str | None = None  # local weights of the tower (.safetensors / .pt)
@@ -196,7 +196,6 @@ class ViTConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
-    moe: MoEConfig | None = None
     routing_unit: Literal["token", "image"] = "token"  # image: one assignment per image from the class token
 
 
@@ -207,16 +206,6 @@ def validate_vit(v: ViTConfig, where: str = "vit") -> None:
                             "choose sizes whose ratio is a whole number of patches")
         if v.width % v.heads:
             raise UserError(f"{where}.width={v.width} must be divisible by {where}.heads={v.heads}")
-    m = v.moe
-    if m is None:
-        return
-    if not 1 <= m.top_k <= m.num_experts:
-        raise UserError(f"{where}.moe.top_k={m.top_k} must be between 1 and {where}.moe.num_experts={m.num_experts}")
-    if v.arch is None and isinstance(m.layers, list):
-        bad = [i for i in m.layers if not 0 <= i < v.layers]
-        if bad:
-            raise UserError(f"{where}.moe.layers: block {bad[0]} is out of range for a ViT with {v.layers} blocks "
-                            f"(use 0..{v.layers - 1})")
 
 
 @dataclass
@@ -245,6 +234,12 @@ class Recipe:
     roe: RoEConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    kind = "lm"  # a class attribute, not a recipe key: VisionRecipe's is "vision"
+
+    @property
+    def eval_tasks(self) -> list[str]:
+        return self.eval.tasks
+
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:
             if s.name == name:
@@ -257,12 +252,13 @@ class Recipe:
 COMMON_MODULES = ("vision", "projector", "llm", "ffn")
 
 
-def trainable_modules() -> tuple[str, ...]:
-    """The module names a stage's `train:` may use: the common ones, then each registered variant's
-    (moe: router; roe: roe)."""
+def trainable_modules(kind: str = "lm") -> tuple[str, ...]:
+    """The module names a stage's `train:` may use in a recipe of `kind` (lm, vision): the common ones,
+    then each registered variant's of that kind (router, roe, ...)."""
     from moebench import variants  # the variant modules import this one
 
-    return (*COMMON_MODULES, *dict.fromkeys(n for v in variants.VARIANTS.values() for n in v.param_names))
+    common = COMMON_MODULES if kind == "lm" else VISION_MODULES
+    return (*common, *dict.fromkeys(n for v in variants.VARIANTS.values() if kind in v.kinds for n in v.param_names))
 # Part of every stage key: bump it when the code changes what a stage computes (losses, data
 # encoding), so cached stage checkpoints made by older code are not reused.
 STAGE_FORMAT = 1
@@ -452,37 +448,64 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 @dataclass
-class VisionTrainConfig:
-    """One training phase of a vision recipe (AdamW, cosine with warmup)."""
+class VisionStageConfig:
+    """One training stage of a vision recipe. `train` names what learns: vit (the backbone), heads, and
+    the variants' parts (router: the MoE routers only)."""
 
+    name: str = ""
+    # a variant's transform stage (moebench/variants: Variant.stage_flag)
+    upcycle: bool = False  # ViMoE: turn the block MLPs named in `vimoe:` into experts first
+    train: list[str] = field(default_factory=lambda: ["vit", "heads"])
     lr: float = 1e-3
+    lr_scale: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.05
     warmup_ratio: float = 0.05
+    schedule: Literal["cosine", "constant"] = "cosine"
     epochs: float = 1.0
     max_steps: int | None = None
+    max_samples: int | None = None
     batch_size: int = 64
+    grad_accum: int = 1
     grad_clip: float = 1.0
+    save_every: int = 0
     log_every: int = 10
 
 
 @dataclass
+class VisionEvalConfig:
+    tasks: list[str] = field(default_factory=list)  # empty: the recipe's `tasks`
+    batch_size: int = 64
+    limit: int | None = None  # the first N images of each split
+    max_new_tokens: int | None = None  # unused (no generation); evaluation reads every recipe's eval alike
+
+
+@dataclass
 class VisionRecipe:
-    """ViMoE: a ViT trained on classification or segmentation, dense first, then each variant from it:
-    dense (trained on), moe (upcycled), moe_shared (upcycled with a shared expert)."""
+    """A ViT with one head per task (classification, segmentation), trained by stages like a VLM recipe.
+    `variant: dense` or `vimoe` (ViMoE, arXiv 2410.15732: the stage with `upcycle: true` turns the block
+    MLPs named in `vimoe:` into experts). `tasks` are the task files whose train split the heads learn;
+    `moebench eval` runs them (or `eval.tasks`) on the val split."""
 
     name: str = ""
     kind: Literal["vision"] = "vision"
     seed: int = 0
-    task: Literal["cls", "seg"] = "cls"
+    variant: str = "dense"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     data: DataConfig = field(default_factory=DataConfig)
     vit: ViTConfig = field(default_factory=ViTConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    shared_expert: Literal["plain", "gated"] = "plain"  # the kind the moe_shared variant uses
-    variants: list[Literal["dense", "moe", "moe_shared"]] = field(default_factory=lambda: ["dense", "moe", "moe_shared"])
-    pretrain: VisionTrainConfig = field(default_factory=VisionTrainConfig)  # the dense parent
-    finetune: VisionTrainConfig = field(default_factory=VisionTrainConfig)  # every variant, same steps
-    eval_batch_size: int = 64
-    slide_stride: int | None = None  # seg: sliding-window inference with this stride (crop = vit.image_size)
+    tasks: list[str] = field(default_factory=lambda: ["cls_shapes"])
+    stages: list[VisionStageConfig] = field(default_factory=list)
+    vimoe: MoEConfig | None = None
+    eval: VisionEvalConfig = field(default_factory=lambda: VisionEvalConfig())
+    slide_stride: int | None = None  # segmentation: sliding-window inference with this stride (crop = vit.image_size)
+
+    @property
+    def eval_tasks(self) -> list[str]:
+        return self.eval.tasks or self.tasks
+
+
+VISION_MODULES = ("vit", "heads")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe | VisionRecipe:
@@ -492,33 +515,65 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe | VisionR
     raw = _read_raw(find_yaml(path))
     for o in overrides:
         apply_override(raw, o)
-    if raw.get("kind") == "vision":
-        recipe = from_dict(VisionRecipe, raw)
-        validate_vit(dataclasses.replace(recipe.vit, moe=recipe.moe))
-        return recipe
-    recipe = from_dict(Recipe, raw)
+    recipe = recipe_from_dict(raw)
     validate(recipe)
-    _check_tasks(recipe.eval.tasks)
+    _check_tasks(recipe.eval_tasks, "eval.tasks" if recipe.eval.tasks else "tasks", recipe.kind)
+    if isinstance(recipe, VisionRecipe):
+        _check_tasks(recipe.tasks, "tasks", recipe.kind)
+        _one_task_per_head(recipe.tasks)
     return recipe
 
 
-def _check_tasks(names: list[str]) -> None:
-    """Every task in eval.tasks loads (names known, task files valid), so a recipe fails before training."""
+def _one_task_per_head(names: list[str]) -> None:
+    from moebench.eval.tasks import load_task
+
+    heads: dict[str, str] = {}
+    for name in names:
+        head = load_task(name).head
+        if head in heads:
+            raise UserError(f"tasks: {heads[head]} and {name} are both {head} tasks; a vision model has one head of "
+                            "each kind, so name at most one classification and one segmentation task")
+        heads[head] = name
+
+
+def recipe_from_dict(raw: dict) -> Recipe | VisionRecipe:
+    """A recipe from its mapping (a YAML file's, or a run.json's `recipe`): `kind: vision` is a VisionRecipe."""
+    return from_dict(VisionRecipe if isinstance(raw, dict) and raw.get("kind") == "vision" else Recipe, raw)
+
+
+def _check_tasks(names: list[str], key: str, kind: str) -> None:
+    """Every task the recipe evaluates loads (names known, task files valid) and suits the recipe's
+    model (a VQA task for a VLM, a classification or segmentation task for a vision recipe), so a recipe
+    fails before training."""
     from moebench.eval.tasks import load_task  # that module imports this one
 
     for name in names:
         try:
-            load_task(name)
+            task = load_task(name)
         except UserError as e:
-            raise UserError(f"{e} (recipe key eval.tasks)") from None
+            raise UserError(f"{e} (recipe key {key})") from None
+        if task.kind != kind:
+            what = "a vision recipe (a ViT with task heads)" if kind == "vision" else "a VLM recipe"
+            raise UserError(f"{key}: task {name} is {'a ' + task.head + ' task for vision recipes' if task.head else 'a VQA task for VLM recipes'}"
+                            f", and this is {what}; name tasks of its kind (`moebench ls` lists them)")
 
 
-def validate(recipe: Recipe) -> None:
+def validate(recipe: Recipe | VisionRecipe) -> None:
     """Cross-field checks that types alone cannot express."""
     from moebench import variants  # the variant modules import this one
 
-    variants.check_name(recipe.variant)
-    modules = trainable_modules()
+    variants.check_name(recipe.variant, recipe.kind)
+    if isinstance(recipe, VisionRecipe):
+        _validate_vision(recipe)
+    else:
+        _validate_lm(recipe)
+    variants.validate(recipe)  # each variant's section and stage flag (moebench/variants)
+    if recipe.eval.batch_size < 1:
+        raise UserError(f"eval.batch_size={recipe.eval.batch_size} must be >= 1")
+
+
+def _validate_stages(recipe, modules: tuple[str, ...]) -> None:
+    """What every recipe's stages need: names, trainable modules that exist, sane optimisation settings."""
     if not recipe.stages:
         raise UserError("recipe has no stages; add at least one under `stages:`")
     seen = set()
@@ -529,24 +584,16 @@ def validate(recipe: Recipe) -> None:
         if s.name in seen:
             raise UserError(f"{where}: stage name used twice; names must be unique")
         seen.add(s.name)
-        if not s.data:
-            raise UserError(f"{where}.data is empty; name the LLaVA conversation JSON under the data root")
         for m in s.train:
             if m not in modules:
                 raise UserError(f"{where}.train has {m!r}; allowed modules: {list(modules)}{did_you_mean(m, modules)}")
         for m in s.lr_scale:
             if m not in s.train:
                 raise UserError(f"{where}.lr_scale.{m}: module is not trained in this stage ({s.train})")
-        if s.kind == "clip" and s.train != ["vision"]:
-            raise UserError(f"{where}: a clip stage trains the vision tower only; set train: [vision]")
-        if s.grounding and s.kind != "clip":
-            raise UserError(f"{where}.grounding is for kind: clip stages only; remove it or set kind: clip")
-        if s.grounding_weight <= 0:
-            raise UserError(f"{where}.grounding_weight={s.grounding_weight} must be > 0")
         if not s.train:
             raise UserError(f"{where}.train is empty; name the modules that learn ({list(modules)})")
         for key in ("batch_size", "grad_accum", "max_len"):
-            if getattr(s, key) < 1:
+            if getattr(s, key, 1) < 1:
                 raise UserError(f"{where}.{key}={getattr(s, key)} must be >= 1")
         if s.lr <= 0:
             raise UserError(f"{where}.lr={s.lr} must be > 0")
@@ -554,6 +601,20 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"{where}.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
         if s.epochs <= 0 and not s.max_steps:
             raise UserError(f"{where}: set epochs > 0 or max_steps")
+
+
+def _validate_lm(recipe: Recipe) -> None:
+    _validate_stages(recipe, trainable_modules("lm"))
+    for i, s in enumerate(recipe.stages):
+        where = f"stages.{s.name}"
+        if not s.data:
+            raise UserError(f"{where}.data is empty; name the LLaVA conversation JSON under the data root")
+        if s.kind == "clip" and s.train != ["vision"]:
+            raise UserError(f"{where}: a clip stage trains the vision tower only; set train: [vision]")
+        if s.grounding and s.kind != "clip":
+            raise UserError(f"{where}.grounding is for kind: clip stages only; remove it or set kind: clip")
+        if s.grounding_weight <= 0:
+            raise UserError(f"{where}.grounding_weight={s.grounding_weight} must be > 0")
     v = recipe.model.vision
     if v.pretrained is None and v.image_size % v.patch_size:
         raise UserError(f"model.vision.image_size={v.image_size} must be a multiple of patch_size={v.patch_size}")
@@ -563,9 +624,16 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"model.llm.hidden_size={llm.hidden_size} must be divisible by heads={llm.heads}")
         if llm.heads % llm.kv_heads:
             raise UserError(f"model.llm.heads={llm.heads} must be divisible by kv_heads={llm.kv_heads}")
-    variants.validate(recipe)  # each variant's section and stage flag (moebench/variants)
-    if recipe.eval.batch_size < 1:
-        raise UserError(f"eval.batch_size={recipe.eval.batch_size} must be >= 1")
+
+
+def _validate_vision(recipe: VisionRecipe) -> None:
+    _validate_stages(recipe, trainable_modules("vision"))
+    validate_vit(recipe.vit)
+    if not recipe.tasks:
+        raise UserError("tasks is empty; name the classification or segmentation tasks the heads learn, "
+                        "e.g. tasks: [cls_shapes, seg_shapes]")
+    if recipe.slide_stride is not None and recipe.slide_stride < 1:
+        raise UserError(f"slide_stride={recipe.slide_stride} must be >= 1 (or null for whole-image inference)")
 
 
 def tokenizer_corpus(recipe: Recipe) -> list[tuple[str, int | None]]:
@@ -599,7 +667,7 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_key(recipe: Recipe, index: int, data_hash: str) -> str:
+def stage_key(recipe: Recipe | VisionRecipe, index: int, data_hash: str) -> str:
     """Hash of everything that produced stage `index`: model, data, stages so far, seed.
 
     Two recipes that share their first stages get the same keys, so they share those checkpoints.
@@ -609,19 +677,23 @@ def stage_key(recipe: Recipe, index: int, data_hash: str) -> str:
         d = to_dict(s)
         for k in _NON_SEMANTIC_STAGE_KEYS:
             d.pop(k)
-        if not d["grounding"]:  # added later: recipes without it keep their earlier keys (and checkpoints)
+        if not d.get("grounding", True):  # added later: recipes without it keep their earlier keys (and checkpoints)
             del d["grounding"]
-        if d["grounding_weight"] == 1.0:  # likewise
+        if d.get("grounding_weight") == 1.0:  # likewise
             del d["grounding_weight"]
         stages.append(d)
+    if isinstance(recipe, VisionRecipe):
+        model, corpus = {"kind": recipe.kind, "vit": to_dict(recipe.vit), "tasks": recipe.tasks}, []
+    else:
+        model, corpus = to_dict(recipe.model), tokenizer_corpus(recipe)
     part = {
-        "model": to_dict(recipe.model),
+        "model": model,
         "data": {"source": recipe.data.source, "hash": data_hash},
         "stages": stages,
         "seed": recipe.seed,
         "precision": recipe.precision,
         "format": STAGE_FORMAT,
-        "tokenizer_corpus": tokenizer_corpus(recipe),
+        "tokenizer_corpus": corpus,
     }
     from moebench import variants
 

@@ -265,11 +265,13 @@ def prepare(model: nn.Module, kind: str, select: Callable[[nn.Module], T]) -> tu
         for block in _blocks(net):
             fully_shard(block)
         fully_shard(net)
-        if getattr(net, "roe", None) is not None:
-            # an RoE layer that every example of one rank's share skips has no gradient on that rank
-            # only: it reduce-scatters zeros there. Not in general: a parameter no rank uses (the vision
-            # tower's final norm in stage 0) must keep no gradient, as in one process, or AdamW's weight
-            # decay would move it
+        from moebench.models.extensions import LMExtension
+
+        if any(isinstance(m, LMExtension) and m.uneven_gradients for m in net.children()):
+            # a parameter one rank leaves without a gradient while another gives it one (an extension's
+            # layer that every example of that rank's share skips) reduce-scatters zeros there. Not in
+            # general: a parameter no rank uses (the vision tower's final norm in stage 0) must keep no
+            # gradient, as in one process, or AdamW's weight decay would move it
             net.set_reduce_scatter_unused_params(True)
         return net, net, select(net)
     raise ValueError(f"distributed={kind!r}; choose one of {list(KINDS)}")

@@ -32,7 +32,9 @@ from moebench.faults import fault_point
 # 2: metrics gained `extra` (variant statistics)
 # 3: metrics gained `torch_version` and `transformers_version` (provenance, beside `moebench_version`);
 #    files of versions 1 and 2 read with those columns null. Samples and train tables are unchanged.
-SCHEMA_VERSION = 3
+# 4: metrics gained `latency_ms` (mean wall time of one evaluation batch); vision rows (classification,
+#    segmentation) leave the token timings `ttft_ms` / `tpot_ms` null. Older files read with it null.
+SCHEMA_VERSION = 4
 
 _str, _f64, _i64 = pa.string(), pa.float64(), pa.int64()
 
@@ -60,8 +62,9 @@ METRICS_SCHEMA = _schema("metrics", [
     ("params_activated", _i64, True),
     ("params_detail", _str, True),  # JSON: llm / vision / projector, embeddings counted or not
     ("extra", _str, True),  # JSON: variant statistics, e.g. {"expert_load": {"0": [shares per expert]}}
-    ("ttft_ms", _f64, True),
-    ("tpot_ms", _f64, True),
+    ("ttft_ms", _f64, True),  # generation: time to the first token of a batch (vision rows: null)
+    ("tpot_ms", _f64, True),  # generation: time per output token after the first (vision rows: null)
+    ("latency_ms", _f64, True),  # mean wall time of one batch: generation end to end, or a vision forward
     ("samples_per_s", _f64, True),
     ("peak_mem_mb", _f64, True),
     ("device", _str, True),

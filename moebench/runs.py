@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from moebench.config import Recipe, from_dict
+from moebench.config import Recipe, VisionRecipe, recipe_from_dict
 from moebench.errors import MissingFile, UserError
 
 RUN_FILE = "run.json"
@@ -29,8 +29,8 @@ class RunInfo:
         return self.meta["name"]
 
     @property
-    def recipe(self) -> Recipe:
-        return from_dict(Recipe, self.meta["recipe"])
+    def recipe(self) -> Recipe | VisionRecipe:
+        return recipe_from_dict(self.meta["recipe"])
 
     @property
     def recipe_hash(self) -> str:
@@ -41,9 +41,15 @@ class RunInfo:
         return self.meta.get("git_commit", "")
 
     def load_model(self, device=None):
-        from moebench.models.checkpoint import load_vlm
+        """(model, tokenizer): a VLM and its tokenizer, or a vision model and None."""
+        from moebench.models.checkpoint import load_vision_model, load_vlm
 
-        model, tokenizer, _ = load_vlm(self.dir / "model", expect=self.recipe.model, variant=self.recipe.variant)
+        recipe = self.recipe
+        if isinstance(recipe, VisionRecipe):
+            (model, _), tokenizer = load_vision_model(self.dir / "model", expect=recipe.vit,
+                                                      variant=recipe.variant), None
+        else:
+            model, tokenizer, _ = load_vlm(self.dir / "model", expect=recipe.model, variant=recipe.variant)
         if device is not None:
             model.to(device)
         return model, tokenizer

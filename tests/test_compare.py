@@ -24,7 +24,7 @@ def _tables(tmp_path, current):
 
 def test_model_names_drop_the_hash():
     assert model_name("shapes_moe-89abcdef") == "shapes_moe"
-    assert model_name("vimoe_shapes_cls-moe_shared-569f19e6") == "vimoe_shapes_cls-moe_shared"
+    assert model_name("vimoe_shapes_shared-569f19e6") == "vimoe_shapes_shared"
     assert model_name("my-run") == "my-run"
 
 

@@ -115,7 +115,7 @@ def test_bad_moe_config_exits_2(capsys):
 ])
 def test_plan_matches_the_paper_counts(recipe, total, activated):
     """MoE-LLaVA's LLM-only counts (embeddings included), from architecture presets on the meta device."""
-    from moebench.moe.plan import plan
+    from moebench.plan import plan
 
     p = plan(load_recipe(REPO / "recipes" / f"{recipe}.yaml"))
     assert p["llm"]["total"] == pytest.approx(total, rel=0.01)

@@ -71,8 +71,9 @@ def test_installed_wheel_runs_bundled_recipes_from_any_folder(wheel, tmp_path):
     assert ls.returncode == 0, ls.stderr
     for name in RECIPES + TASKS:
         assert name in ls.stdout
-    # shapes_stgc extends shapes_moe extends shapes_dense: the chain resolves inside the installed folder
-    ok = moebench_cmd("validate", "shapes_stgc", "vimoe_shapes_seg", "pope", cwd=elsewhere, env=env)
+    # shapes_stgc extends shapes_moe extends shapes_dense (vimoe_shapes_shared: two levels too): the chains
+    # resolve inside the installed folder
+    ok = moebench_cmd("validate", "shapes_stgc", "vimoe_shapes_shared", "pope", cwd=elsewhere, env=env)
     assert ok.returncode == 0, ok.stderr
     version = moebench_cmd("--version", cwd=elsewhere, env=env)
     assert version.returncode == 0 and version.stdout == f"moebench {moebench.__version__}\n"

@@ -60,7 +60,8 @@ def test_vimoe_rows_and_run_json(tmp_path, expected):
 
     from conftest import REPO
     from moebench.config import load_recipe
-    from moebench.vision.train import train_vision
+    from moebench.eval.runner import evaluate_run
+    from moebench.train.pipeline import train
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -69,11 +70,13 @@ def test_vimoe_rows_and_run_json(tmp_path, expected):
             for i in range(2):
                 pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
-    recipe = load_recipe(REPO / "recipes" / "vimoe_shapes_cls.yaml", [
-        f"data.source={tmp_path}", "vit.image_size=16", "vit.patch_size=8", "vit.width=16", "vit.heads=2",
-        "vit.layers=2", "moe.layers=[1]", "pretrain.max_steps=1", "finetune.max_steps=1", "pretrain.batch_size=2",
-        "finetune.batch_size=2", "variants=[dense]"])
-    rows = train_vision(recipe, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res", progress=False)
+    recipe = load_recipe(REPO / "recipes" / "vimoe_shapes_dense.yaml", [
+        f"data.source={tmp_path}", "tasks=[image_folder]", "vit.image_size=16", "vit.patch_size=8", "vit.width=16",
+        "vit.heads=2", "vit.layers=2", "stages.pretrain.max_steps=1", "stages.finetune.max_steps=1",
+        "stages.pretrain.batch_size=2", "stages.finetune.batch_size=2"])
+    run = train(recipe, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res", progress=False)
+    rows = evaluate_run(run, recipe.eval_tasks, data=None, batch_size=2, limit=None, results_dir=tmp_path / "res",
+                        progress=False)
     _check(rows, tmp_path / "res", expected)
     (meta,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/run.json")]
     assert meta["moebench_version"] == expected["moebench_version"]

@@ -1,4 +1,6 @@
-"""ViMoE backbones: upcycled ViT equals its dense parent; image-level routing; heads; sliding windows; configs."""
+"""ViMoE: upcycled ViT equals its dense parent; image-level routing; heads; sliding windows; configs; the
+vision recipes through the common pipeline (train, run directory, checkpoint, `moebench eval` on the
+classification and segmentation tasks, report, routing analysis)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,7 @@ import torch
 
 from moebench.config import MoEConfig, ViTConfig, from_dict, validate_vit
 from moebench.errors import UserError
-from moebench.vision.vit import (ViTClassifier, ViTSegmenter, add_vision_moe, build_vit, slide_inference,
-                                 vision_moe_blocks)
+from moebench.vision.vit import ViTModel, add_vision_moe, build_vit, slide_inference, vision_moe_blocks
 
 TINY = ViTConfig(image_size=32, patch_size=8, width=32, layers=3, heads=2)
 
@@ -46,19 +47,18 @@ def test_image_routing_gives_every_token_of_an_image_the_same_experts():
 
 def test_heads_shapes_and_sliding_window():
     torch.manual_seed(0)
-    seg = ViTSegmenter(build_vit(TINY), num_classes=5).eval()
+    model = ViTModel(build_vit(TINY), {"cls": list("abcdefgh"), "seg": list("01234")}).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        whole = seg(x)
-    assert whole.shape == (2, 5, 32, 32)
-    assert torch.allclose(slide_inference(seg, x, crop=32, stride=16), whole, atol=1e-6)  # one window = whole image
+        out = model(x)
+    whole = out["seg"]
+    assert whole.shape == (2, 5, 32, 32) and out["cls"].shape == (2, 8)
+    assert torch.allclose(slide_inference(model.segment, x, 32, 16, 5), whole, atol=1e-6)  # one window = whole image
     big = torch.randn(1, 3, 48, 40)
-    out = slide_inference(seg, big, crop=32, stride=16)
-    assert out.shape == (1, 5, 48, 40)
+    slid = slide_inference(model.segment, big, crop=32, stride=16, num_classes=5)
+    assert slid.shape == (1, 5, 48, 40)
     with torch.no_grad():  # the top-left corner is covered by the first window only
-        assert torch.allclose(out[..., :16, :8], seg(big[:, :, :32, :32])[..., :16, :8], atol=1e-6)
-    cls = ViTClassifier(build_vit(TINY), num_classes=8)
-    assert cls(x).shape == (2, 8)
+        assert torch.allclose(slid[..., :16, :8], model.segment(big[:, :, :32, :32])[..., :16, :8], atol=1e-6)
 
 
 def test_open_clip_config_names_build_real_architectures():
@@ -70,8 +70,7 @@ def test_open_clip_config_names_build_real_architectures():
 
 @pytest.mark.parametrize("cfg, message", [
     (ViTConfig(image_size=30, patch_size=8), "vit.image_size=30 is not divisible by vit.patch_size=8"),
-    (ViTConfig(layers=4, moe=MoEConfig(layers=[0, 4])), "vit.moe.layers: block 4 is out of range for a ViT with 4 blocks"),
-    (ViTConfig(moe=MoEConfig(num_experts=2, top_k=3)), "vit.moe.top_k=3 must be between 1 and vit.moe.num_experts=2"),
+    (ViTConfig(width=30, heads=4), "vit.width=30 must be divisible by vit.heads=4"),
 ])
 def test_bad_vit_configs(cfg, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -83,30 +82,66 @@ def test_unknown_routing_unit():
         from_dict(ViTConfig, {"routing_unit": "patch"}, "vit")
 
 
-@pytest.mark.parametrize("recipe, metric", [("vimoe_shapes_cls.yaml", "top1"), ("vimoe_shapes_seg.yaml", "mIoU")])
-def test_vision_recipes_train_three_variants(tmp_path, capsys, recipe, metric):
-    """Dense, MoE and MoE + shared expert from one dense parent; rows with params and throughput."""
+TINY_SHAPES = ["data.world.n_train=200", "data.world.n_val=900", "data.world.image_size=32", "vit.image_size=32",
+               "vit.patch_size=8", "vit.width=32", "vit.heads=2", "stages.pretrain.max_steps=2",
+               "stages.finetune.max_steps=2", "eval.batch_size=128"]
+
+
+def test_vision_recipes_train_through_the_common_pipeline(tmp_path, capsys):
+    """Dense, MoE and MoE + shared expert: one shared (cached) dense stage, ordinary run directories that
+    `moebench eval --tasks seg_shapes,cls_shapes --model RUN` scores, rows `moebench report` shows
+    beside the VQA tasks, and the routing analysis of an MoE run."""
     import json
 
     from conftest import REPO, run_cli
     from moebench import results
+    from moebench.runs import open_run
 
-    tiny = ["data.world.n_train=200", "data.world.n_val=900", "data.world.image_size=32", "vit.image_size=32",
-            "vit.patch_size=8", "vit.width=32", "vit.heads=2", "pretrain.max_steps=2", "finetune.max_steps=2",
-            "eval_batch_size=128"]
-    code, _, err = run_cli(["train", REPO / "recipes" / recipe, *tiny, "--runs", tmp_path / "runs",
-                            "--results", tmp_path / "res", "--no-progress"], capsys)
+    where = ["--runs", tmp_path / "runs", "--results", tmp_path / "res", "--no-progress"]
+    recipes = [REPO / "recipes" / f"{r}.yaml" for r in ("vimoe_shapes_dense", "vimoe_shapes", "vimoe_shapes_shared")]
+    code, _, err = run_cli(["train", *recipes, *TINY_SHAPES, *where], capsys)
     assert code == 0, err
-    rows = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == metric]
-    assert sorted(r["variant"] for r in rows) == ["dense", "moe", "moe_shared"]
-    by = {r["variant"]: r for r in rows}
-    assert by["dense"]["params_activated"] == by["dense"]["params_total"]
-    assert by["moe"]["params_activated"] < by["moe"]["params_total"]
-    assert by["moe_shared"]["params_activated"] > by["moe"]["params_activated"]  # + the shared expert
-    assert all(0 <= r["value"] <= 1 and r["samples_per_s"] > 0 for r in rows)
-    assert sorted(json.loads(by["moe"]["extra"])["expert_load"]) == ["2", "3"]
+    assert len(list((tmp_path / "runs" / ".stages").glob("0-pretrain-*"))) == 1  # the dense stage is shared
+    rows = results.read_rows([tmp_path / "res"], "metrics")
+    assert {(r["task"], r["metric"]) for r in rows} == {("cls_shapes", "top1"), ("cls_shapes", "top5"),
+                                                          ("seg_shapes", "mIoU"), ("seg_shapes", "mAcc"),
+                                                          ("seg_shapes", "aAcc")}
+    by = {r["recipe"]: r for r in rows if r["metric"] == "top1"}
+    assert by["vimoe_shapes_dense"]["params_activated"] == by["vimoe_shapes_dense"]["params_total"]
+    assert by["vimoe_shapes"]["params_activated"] < by["vimoe_shapes"]["params_total"]
+    assert by["vimoe_shapes_shared"]["params_activated"] > by["vimoe_shapes"]["params_activated"]  # + shared expert
+    assert all(0 <= r["value"] <= 1 and r["samples_per_s"] > 0 and r["latency_ms"] > 0 for r in rows)
+    assert all(r["ttft_ms"] is None and r["tpot_ms"] is None and r["dtype"] == "float32" for r in rows)
+    assert all(r["task_version"] == 1 and r["n"] == 900 for r in rows)
+    assert sorted(json.loads(by["vimoe_shapes"]["extra"])["expert_load"]) == ["2", "3"]
+    # majority: the share of the most frequent class among the world's val labels
+    from collections import Counter
+
+    from moebench.config import load_recipe
+    from moebench.data.sources import resolve
+
+    root = resolve("shapes", load_recipe(recipes[0], TINY_SHAPES).data.world, progress=False).root
+    labels = json.loads((root / "cls" / "val2014.json").read_text())
+    assert by["vimoe_shapes"]["baseline"] == pytest.approx(Counter(labels.values()).most_common(1)[0][1] / 900)
+
+    # an ordinary run: open_run reads it, `moebench eval` scores it on the tasks named
+    run_dir = tmp_path / "runs" / by["vimoe_shapes"]["run"]
+    assert open_run(run_dir).recipe.variant == "vimoe"
+    code, out, err = run_cli(["eval", "--tasks", "seg_shapes,cls_shapes", "--model", run_dir, "--limit", "100",
+                              "--results", tmp_path / "res2", "--no-progress"], capsys)
+    assert code == 0, err
+    again = results.read_rows([tmp_path / "res2"], "metrics")
+    assert {(r["task"], r["metric"], r["n"]) for r in again} >= {("seg_shapes", "mIoU", 100), ("cls_shapes", "top1", 100)}
+    code, out, err = run_cli(["report", tmp_path / "res2"], capsys)
+    assert code == 0 and "seg_shapes" in out and "cls_shapes" in out and "mIoU" in out and "top1" in out
+
+    # a VQA task on a vision run, and a vision task on a VLM recipe, are one-line errors
+    code, _, err = run_cli(["eval", "--tasks", "pope", "--model", run_dir, "--results", tmp_path / "res2"], capsys)
+    assert code == 2 and "task pope is a VQA task" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["train", "shapes_dense", "eval.tasks=[seg_shapes]"], capsys)
+    assert code == 2 and "task seg_shapes is a seg task for vision recipes" in err
+
     # routing analysis of the MoE run: matrices, purity / entropy rows, a PNG
-    run_dir = tmp_path / "runs" / by["moe"]["run"]
     code, out, err = run_cli(["analyze", "routing", run_dir, "--results", tmp_path / "res"], capsys)
     assert code == 0, err
     routing = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["task"] == "routing"]
@@ -115,7 +150,7 @@ def test_vision_recipes_train_three_variants(tmp_path, capsys, recipe, metric):
     assert all(1 / 8 - 1e-9 <= r["value"] <= 1 for r in purity)
     matrix = json.loads(purity[0]["extra"])["matrix"]
     assert len(matrix) == 8 and sum(map(sum, matrix)) > 0
-    assert (tmp_path / "res" / by["moe"]["run"] / "routing.png").is_file()
+    assert (tmp_path / "res" / by["vimoe_shapes"]["run"] / "routing.png").is_file()
 
 
 def test_purity_and_entropy_hand_worked():
@@ -129,13 +164,14 @@ def test_purity_and_entropy_hand_worked():
 
 
 def test_ade20k_layout_trains_and_scores_at_label_resolution(tmp_path):
-    """A tiny ADEChallengeData2016 folder (40x50 images) through the vision pipeline: rows for all variants."""
+    """A tiny ADEChallengeData2016 folder (40x50 images) through the pipeline: rows at the labels' resolution."""
     import numpy as np
     from PIL import Image
 
     from conftest import REPO
     from moebench.config import load_recipe
-    from moebench.vision.train import train_vision
+    from moebench.eval.runner import evaluate_run
+    from moebench.train.pipeline import train
 
     rng = np.random.default_rng(0)
     for split, n in (("training", 4), ("validation", 2)):
@@ -149,11 +185,13 @@ def test_ade20k_layout_trains_and_scores_at_label_resolution(tmp_path):
                 tmp_path / "ADEChallengeData2016" / "annotations" / split / f"{stem}.png")
     recipe = load_recipe(REPO / "recipes" / "vimoe_ade20k.yaml", [
         f"data.source={tmp_path}", "vit.arch=null", "vit.image_size=32", "vit.patch_size=8", "vit.width=32",
-        "vit.heads=2", "vit.layers=2", "moe.layers=[1]", "pretrain.max_steps=1", "finetune.max_steps=1",
-        "pretrain.batch_size=2", "finetune.batch_size=2"])
-    rows = train_vision(recipe, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res", progress=False)
-    assert {(r["variant"], r["metric"]) for r in rows} >= {("dense", "mIoU"), ("moe", "mIoU"), ("moe_shared", "aAcc")}
-    assert all(0 <= r["value"] <= 1 for r in rows)
+        "vit.heads=2", "vit.layers=2", "vimoe.layers=[1]", "stages.dense.max_steps=1", "stages.vimoe.max_steps=1",
+        "stages.dense.batch_size=2", "stages.vimoe.batch_size=2", "slide_stride=16"])
+    run = train(recipe, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res", progress=False)
+    rows = evaluate_run(run, recipe.eval_tasks, data=None, batch_size=2, limit=None, results_dir=tmp_path / "res",
+                        progress=False)
+    assert {r["metric"] for r in rows} == {"mIoU", "mAcc", "aAcc"} and all(r["n"] == 2 for r in rows)
+    assert all(0 <= r["value"] <= 1 and r["variant"] == "vimoe" for r in rows)
 
 
 def test_image_folder_classification(tmp_path):
@@ -162,7 +200,8 @@ def test_image_folder_classification(tmp_path):
 
     from conftest import REPO
     from moebench.config import load_recipe
-    from moebench.vision.train import train_vision
+    from moebench.eval.runner import evaluate_run
+    from moebench.train.pipeline import train
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -170,20 +209,27 @@ def test_image_folder_classification(tmp_path):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
-    recipe = load_recipe(REPO / "recipes" / "vimoe_shapes_cls.yaml", [
-        f"data.source={tmp_path}", "vit.image_size=32", "vit.patch_size=8", "vit.width=32", "vit.heads=2",
-        "pretrain.max_steps=1", "finetune.max_steps=1", "variants=[dense,moe]"])
-    rows = train_vision(recipe, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res", progress=False)
-    top5 = [r for r in rows if r["metric"] == "top5"]
-    assert [r["variant"] for r in top5] == ["dense", "moe"] and all(r["value"] == 1.0 for r in top5)  # 3 classes
+    recipe = load_recipe(REPO / "recipes" / "vimoe_shapes.yaml", [
+        f"data.source={tmp_path}", "tasks=[image_folder]", "vit.image_size=32", "vit.patch_size=8", "vit.width=32",
+        "vit.heads=2", "stages.pretrain.max_steps=1", "stages.finetune.max_steps=1"])
+    run = train(recipe, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res", progress=False)
+    rows = evaluate_run(run, ["image_folder"], data=None, batch_size=4, limit=None, results_dir=tmp_path / "res",
+                        progress=False)
+    by = {r["metric"]: r for r in rows}
+    assert by["top5"]["value"] == 1.0 and by["top1"]["baseline"] == pytest.approx(1 / 3)  # 3 classes, 3 images each
 
 
 @pytest.mark.parametrize("override, message", [
-    ("moe.layers=[0,9]", "moe.layers: block 9 is out of range"), ("vit.routing_unit=patch", "routing_unit='patch'"),
+    ("vimoe.layers=[0,9]", "vimoe.layers: block 9 is out of range"), ("vit.routing_unit=patch", "routing_unit='patch'"),
     ("vit.image_size=60", "not divisible by vit.patch_size"),
+    ("vimoe.top_k=5", "vimoe.top_k=5 must be between 1 and vimoe.num_experts=4"),
+    ("tasks=[pope]", "task pope is a VQA task for VLM recipes"),
+    ("tasks=[cls_shapes,image_folder]", "cls_shapes and image_folder are both cls tasks"),
+    ("variant=moe", "variant='moe' is not allowed in a vision recipe"),
+    ("stages.finetune.train=[vit,projector]", "stages.finetune.train has 'projector'"),
 ])
 def test_bad_vision_recipes_exit_2(capsys, override, message):
     from conftest import REPO, run_cli
 
-    code, _, err = run_cli(["train", REPO / "recipes" / "vimoe_shapes_cls.yaml", override], capsys)
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["train", REPO / "recipes" / "vimoe_shapes.yaml", override], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -57,8 +57,8 @@ def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor 
     out = model(ids, mask, pixel_values, positions, cache=cache, use_cache=True, logits_to_keep=1,
                 image_features=image_features)
     nxt = _next(out.logits, model.image_token_id)  # (B,)
-    if getattr(model, "roe", None) is not None:
-        model.roe.drop_routing_tokens(model.llm, cache)
+    for ext in model.extensions():  # e.g. tokens the prefill needed that decoding must not see
+        ext.after_prefill(model, cache)
     _sync(device)
     t1 = time.perf_counter()
     done = nxt == eos_id

@@ -26,6 +26,7 @@ from moebench.eval import metrics
 from moebench.eval.generate import greedy_generate
 from moebench.eval.partial import PartialWriter, partial_path, read_partial
 from moebench.eval.tasks import Sample, TaskConfig, load_samples, load_task
+from moebench.errors import UserError
 from moebench.runs import RunInfo
 
 
@@ -83,7 +84,7 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
     mine = [s for group in list(by_image.values())[w.rank::w.size] for s in group]  # this rank's share
     if mine:
         run(mine[:batch_size])  # warm-up, not timed
-    ttfts, decode_s, decode_tokens, computed = [], 0.0, 0, []
+    ttfts, decode_s, decode_tokens, computed, batch_s = [], 0.0, 0, [], 0.0
     t_start = time.perf_counter()
     answered = sum(len(same[(s.image, s.question)]) for s in mine)
     counters = counters or []
@@ -95,6 +96,7 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
             prompts, gen = run(batch)
             ttfts.append(gen.ttft_s)
             decode_s += gen.decode_s
+            batch_s += gen.ttft_s + gen.decode_s
             decode_tokens += gen.decode_steps
             new = []
             for s, p, toks in zip(batch, prompts, gen.tokens):
@@ -113,6 +115,7 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
     wall = time.perf_counter() - t_start
     ranks = parallel.all_gather({  # one process: [this]
         "records": computed if w.size > 1 else [], "ttft_s": sum(ttfts), "batches": len(ttfts), "decode_s": decode_s,
+        "batch_s": batch_s,
         "decode_tokens": decode_tokens, "samples": len(mine), "wall": wall, "peak_mem_mb": _peak_memory_mb(device),
         "counters": [c.state() for c in counters]})
     for r in ranks:
@@ -123,6 +126,7 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
     timing = {  # over the samples computed in this call (a resumed eval times only the rest)
         "ttft_ms": 1000 * sum(r["ttft_s"] for r in ranks) / batches if batches else None,
         "tpot_ms": 1000 * sum(r["decode_s"] for r in ranks) / tokens if tokens else None,
+        "latency_ms": 1000 * sum(r["batch_s"] for r in ranks) / batches if batches else None,
         "samples_per_s": n / wall if (wall > 0 and n) else None,  # prompts generated, all ranks together
         "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks),  # per process
     }
@@ -193,21 +197,19 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
     progress = progress and w.main
     tasks = [load_task(t) for t in task_names]  # fail on unknown names before loading anything
     recipe = run.recipe
+    check_task_kinds(tasks, recipe, run.name)
     src: DataSource = parallel.node_first(lambda: resolve(data or recipe.data.source, recipe.data.world,
                                                           progress=progress))
     device = device or parallel.device()
     model, tokenizer = run.load_model(device)
+    if tokenizer is None:  # a vision recipe's model: scored from its heads' logits
+        from moebench.eval.vision import evaluate_vision
+
+        return evaluate_vision(run, model, tasks, src, batch_size=batch_size, limit=limit, results_dir=results_dir,
+                               device=device, progress=progress, log_samples=log_samples)
     chain = variants.chain(recipe.variant)
     encoder = Encoder(tokenizer, model.num_image_tokens, model.image_token_id, system=recipe.model.system)
-    params = count_params(model)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    common = {
-        "run": run.name, "variant": recipe.variant, "params_total": params["total"],
-        "params_activated": params["activated"], "params_detail": params, "device": _device_name(device),
-        "dtype": dtype, "batch_size": batch_size, "threads": torch.get_num_threads(), "seed": recipe.seed,
-        "git_commit": run.git_commit, **results.software_versions(), "recipe": recipe.name,
-        "recipe_hash": run.recipe_hash,
-    }
+    common = common_fields(run, model, count_params(model), device, batch_size)
     all_rows = []
     for task in tasks:
         samples = load_samples(task, src.root, limit)
@@ -255,6 +257,28 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
             p.unlink(missing_ok=True)
     parallel.barrier()
     return all_rows
+
+
+def check_task_kinds(tasks: list[TaskConfig], recipe, run_name: str) -> None:
+    """Each task suits the run's model: VQA tasks a VLM, classification / segmentation tasks a vision model."""
+    for task in tasks:
+        if task.kind != recipe.kind:
+            what = f"a {task.head} (vision) task" if task.head else "a VQA task, answered by generation"
+            model = "a vision model (a ViT with task heads)" if recipe.kind == "vision" else "a vision-language model"
+            raise UserError(f"task {task.name} is {what}, but run {run_name} holds {model}; choose tasks of its "
+                            f"kind (`moebench ls` lists them)")
+
+
+def common_fields(run: RunInfo, model, params: dict, device: torch.device, batch_size: int) -> dict:
+    """The entries every metric row of one evaluation shares: run, variant, parameters, device, versions."""
+    recipe = run.recipe
+    return {
+        "run": run.name, "variant": recipe.variant, "params_total": params["total"],
+        "params_activated": params["activated"], "params_detail": params, "device": _device_name(device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "batch_size": batch_size,
+        "threads": torch.get_num_threads(), "seed": recipe.seed, "git_commit": run.git_commit,
+        **results.software_versions(), "recipe": recipe.name, "recipe_hash": run.recipe_hash,
+    }
 
 
 def _rank_path(ppath: Path, rank: int) -> Path:

@@ -39,6 +39,16 @@ class TaskConfig:
     download: str = ""  # what to fetch and where to put it, shown when a file is missing
     annotations: str = ""  # VQAv2: the annotations file ({split} replaced), beside `questions`
     ocr: bool = False  # TextVQA: add "Reference OCR token: ..." to the prompt, as LLaVA-1.5 does
+    # vision tasks (a vision recipe's heads): `head` cls (metric classification: top1 / top5) or seg
+    # (metric segmentation: mIoU / mAcc / aAcc); their loader is one of moebench.vision.data.VISION_LOADERS,
+    # `splits` are evaluated and `train_split` is what a vision recipe's stages learn from
+    head: str = ""
+    train_split: str = ""
+
+    @property
+    def kind(self) -> str:
+        """vision (scored from a head's logits) or lm (answered by generation)."""
+        return "vision" if self.head else "lm"
 
 
 @dataclass
@@ -87,11 +97,29 @@ def load_task(name_or_path: str) -> TaskConfig:
             raise UserError(f"task {path}: `{key}` is empty")
     if task.version < 1:
         raise UserError(f"task {path}: `version` must be >= 1 (bump it when the prompt or metric changes)")
+    if task.head:
+        _check_vision_task(task, path)
+        return task
     LOADERS.get(task.loader)
     from moebench.eval.metrics import get_metric
 
     get_metric(task.metric)
     return task
+
+
+VISION_METRICS = {"cls": "classification", "seg": "segmentation"}
+
+
+def _check_vision_task(task: TaskConfig, path: Path) -> None:
+    from moebench.vision.data import VISION_LOADERS
+
+    if task.head not in VISION_METRICS:
+        raise UserError(f"task {path}: head={task.head!r}; choose cls (classification) or seg (segmentation)")
+    if task.metric != VISION_METRICS[task.head]:
+        raise UserError(f"task {path}: a {task.head} head is scored with metric: {VISION_METRICS[task.head]}")
+    if not task.train_split:
+        raise UserError(f"task {path}: `train_split` is empty; name the split a vision recipe trains on")
+    VISION_LOADERS.get(task.loader)
 
 
 def load_samples(task: TaskConfig, root: Path, limit: int | None = None) -> list[Sample]:

@@ -3,7 +3,8 @@
 Layout of a model directory:
     model.safetensors   weights
     model.json          {"model": ModelConfig, "vision_config": HF dict, "llm_config": HF dict, "variant", ...}
-    tokenizer/          the tokenizer (trained or copied from the checkpoint)
+                        or, for a vision recipe's model, {"kind": "vision", "vit": ViTConfig, "classes", ...}
+    tokenizer/          the tokenizer (trained or copied from the checkpoint; VLMs only)
 Directories are written into a temp dir and swapped into place (see `atomic_dir`), so a crash never
 leaves half a model.
 """
@@ -164,6 +165,9 @@ def load_vlm(model_dir: Path, expect: ModelConfig | None = None, variant: str | 
         raise MissingFile(model_dir / MODEL_FILE, "model weights",
                           "the checkpoint is incomplete: restore the file or train the run again")
     meta = _read_meta(model_dir / META_FILE)
+    if meta.get("kind") == "vision":
+        raise UserError(f"{model_dir} holds a vision model (a ViT with task heads), not a vision-language "
+                        "model; evaluate it on classification or segmentation tasks")
     if variant is not None:
         _check_variant(meta, variant, model_dir)
     cfg = from_dict(ModelConfig, meta["model"], "model")
@@ -179,12 +183,60 @@ def load_vlm(model_dir: Path, expect: ModelConfig | None = None, variant: str | 
     return model, tokenizer, meta
 
 
+def save_vision_model(model, recipe, out_dir: Path, extra: dict | None = None,
+                      variant_config: dict | None = None) -> Path:
+    """A vision recipe's model (moebench.vision.vit.ViTModel): weights, the backbone config, each head's
+    classes and the variants' entries (as save_vlm)."""
+    from safetensors.torch import save_model
+
+    from moebench import variants
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_model(model, str(tmp / MODEL_FILE))
+        meta = {"kind": "vision", "vit": to_dict(recipe.vit), "classes": model.classes,
+                **{v.stores: None for v in variants.VARIANTS.values() if v.stores},
+                **(variant_config or {}), **(extra or {})}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return out_dir
+
+
+def load_vision_model(model_dir: Path, expect=None, variant: str | None = None):
+    """Rebuild a vision model from model.json (backbone, heads, the variants' blocks) and load its
+    weights. With `expect` (a ViTConfig), a checkpoint of another backbone is an error. Returns (model, meta)."""
+    import dataclasses
+
+    from moebench import variants
+    from moebench.config import ViTConfig
+    from moebench.vision.vit import ViTModel, build_vit
+
+    model_dir = Path(model_dir)
+    for name, what in ((META_FILE, "model config"), (MODEL_FILE, "model weights")):
+        if not (model_dir / name).is_file():
+            raise MissingFile(model_dir / name, what, "point at a run directory made by `moebench train`")
+    meta = _read_meta(model_dir / META_FILE)
+    if variant is not None:
+        _check_variant(meta, variant, model_dir)
+    cfg = from_dict(ViTConfig, meta["vit"], "vit")
+    if expect is not None and to_dict(expect) != to_dict(cfg):
+        raise UserError(f"checkpoint {model_dir} does not match the recipe: "
+                        f"{_first_difference(to_dict(expect), to_dict(cfg), 'vit')}")
+    model = ViTModel(build_vit(dataclasses.replace(cfg, pretrained=None)), meta["classes"])  # weights load below
+    for v in variants.VARIANTS.values():
+        v.rebuild(model, meta)
+    load_weights(model, model_dir / MODEL_FILE)
+    model.eval()
+    return model, meta
+
+
 def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); the checkpoint is damaged, train the run again") from None
-    missing = [k for k in ("model", "vision_config", "llm_config") if not isinstance(meta, dict) or k not in meta]
+    keys = ("vit", "classes") if isinstance(meta, dict) and meta.get("kind") == "vision" else (
+        "model", "vision_config", "llm_config")
+    missing = [k for k in keys if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise UserError(f"{path}: not a moebench model config (no {', '.join(missing)}); "
                         "point at a model directory made by `moebench train`")

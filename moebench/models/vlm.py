@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moebench.errors import UserError
+from moebench.models.extensions import LMExtension, RoutedBlock
 
 
 class MLPProjector(nn.Sequential):
@@ -78,12 +79,12 @@ class VLM(nn.Module):
                 cache=None, use_cache: bool = False, logits_to_keep: int | torch.Tensor = 0,
                 labels: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                 vision_features: torch.Tensor | None = None):
-        """Logits of the LM over the prompt (`labels` only tell RoE where the first turn's prompt ends).
+        """Logits of the LM over the prompt (`labels` are passed to the extensions only: where a prompt ends).
         `image_features` (B, N, d), the projected features, or `vision_features` (B, N, d_v), the tower's
         features before the projector (a frozen tower's, computed once: moebench/train/frozen.py), replace
         `pixel_values` when given. `cache`: a transformers `Cache` (e.g. DynamicCache) the LM reads and
         extends. `logits_to_keep`: as in transformers, the last n positions (0: all) or a (P,) tensor of
-        positions (an int with RoE's routing tokens)."""
+        positions. A variant's extension (moebench.models.extensions) may run the LM itself."""
         if vision_features is not None:
             image_features = self.projector(vision_features.to(next(self.projector.parameters()).dtype))
         if attention_mask is None:
@@ -92,42 +93,25 @@ class VLM(nn.Module):
             # left padding: positions count real tokens only
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         embeds = self.embed(input_ids, pixel_values, image_features)
-        for block in self.routed_blocks():  # MoE blocks keep padding out of routing
+        for block in self.routed_blocks():  # routing keeps padding out
             block.token_mask = attention_mask
-        roe = getattr(self, "roe", None)
         has_image = pixel_values is not None or image_features is not None
-        if roe is not None and not has_image and (cache is None or cache.get_seq_length() == 0):
-            roe.run_every_layer(self.llm)  # a text-only prompt; decoding steps keep their prefill's decisions
-        if roe is not None and has_image and roe.ctx.mode != "dense":
-            return _forward_routed(self, embeds, attention_mask, position_ids, input_ids, labels,
-                                   cache, use_cache, logits_to_keep)
+        for ext in self.extensions():
+            out = ext.run_lm(self, embeds, attention_mask, position_ids, input_ids=input_ids, labels=labels,
+                             cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, has_image=has_image)
+            if out is not None:
+                return out
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
 
-    def routed_blocks(self) -> list[nn.Module]:
-        """The LM's MoE blocks (moebench.moe.layer.MoEBlock, our own module): each forward gives them the
-        attention mask, which transformers' decoder layers do not pass to their MLP."""
-        from moebench.moe.layer import MoEBlock
+    def routed_blocks(self) -> list[RoutedBlock]:
+        """The LM's blocks that route tokens (our own modules): each forward gives them the attention mask,
+        which transformers' decoder layers do not pass to their MLP."""
+        return [m for m in self.llm.modules() if isinstance(m, RoutedBlock)]
 
-        return [m for m in self.llm.modules() if isinstance(m, MoEBlock)]
-
-
-def _forward_routed(model: VLM, embeds, attention_mask, position_ids, input_ids, labels, cache,
-                    use_cache, logits_to_keep):
-    """RoE prefill / training: append the routing tokens, run, drop their logits (moebench/roe)."""
-    from moebench.roe.model import with_routing_tokens
-
-    ctx = model.roe.ctx
-    embeds, mask, positions = with_routing_tokens(model, embeds, attention_mask, position_ids, input_ids, labels)
-    ctx.routing, ctx.skip_probs, ctx.routing_in_cache = True, [], bool(use_cache)
-    try:
-        out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                        cache=cache, use_cache=use_cache,
-                        logits_to_keep=logits_to_keep + 2 if logits_to_keep else 0)
-    finally:
-        ctx.routing = False
-    out.logits = out.logits[:, :-2]
-    return out
+    def extensions(self) -> list[LMExtension]:
+        """The variants' modules beside the LM (moebench.models.extensions.LMExtension), in the order added."""
+        return [m for m in self.children() if isinstance(m, LMExtension)]
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:

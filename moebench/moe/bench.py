@@ -102,7 +102,7 @@ def bench_stgc(recipe, *, model_dir=None, steps: int = 8, batch_size: int = 8, p
     from moebench.models.checkpoint import load_vlm
     from moebench.moe.stgc import STGC, conflicts
     from moebench.moe.upcycle import moe_blocks, upcycle
-    from moebench.train.pipeline import _param_groups, lm_loss_fn, make_tokenizer
+    from moebench.train.pipeline import _param_groups, _trainable_parts, lm_loss_fn, make_tokenizer
     from moebench.variants.moe import MOE, upcycle_index
 
     up = upcycle_index(recipe)
@@ -123,7 +123,7 @@ def bench_stgc(recipe, *, model_dir=None, steps: int = 8, batch_size: int = 8, p
     dataset = ConversationDataset(items, src.root / stage.images, encoder, stage.template, recipe.model.vision)
     batches = [collate([dataset[i] for i in range(b * batch_size, min(len(dataset), (b + 1) * batch_size))],
                        tokenizer.pad_token_id) for b in range(steps)]
-    groups = _param_groups(model, stage)
+    groups = _param_groups(model, stage, parts=_trainable_parts)
     params = [p for _, ps, _ in groups for p in ps]
     loss_fn = MOE.loss_fn(lm_loss_fn(), recipe, up)  # next-token loss + the MoE terms (no STGC hook)
     base_cfg = recipe.stgc or STGCConfig()

@@ -28,6 +28,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
 from moebench.errors import UserError
+from moebench.models.extensions import RoutedBlock
 
 # names that recipes or saved runs may still carry, with what replaced them
 _REMOVED = {"segment_mm": "moebench's hand-written CPU kernel is gone: it saved about 1% "
@@ -184,7 +185,7 @@ def route(logits: torch.Tensor, valid: torch.Tensor, top_k: int, capacity_factor
     return Routing(probs, index, weight, valid, kept, aux, z, f, p_mean, v.sum())
 
 
-class MoEBlock(nn.Module):
+class MoEBlock(RoutedBlock):
     """A sparse MoE FFN that replaces a decoder layer's MLP: router, E experts, optional shared expert."""
 
     def __init__(self, experts: nn.Module, hidden: int, top_k: int, *, capacity_factor: float | None = None,
@@ -244,6 +245,10 @@ class MoEBlock(nn.Module):
 
     def _save_grad(self, grad: torch.Tensor) -> None:
         self.saved_grad = grad.detach()
+
+    def inactive_parameters(self) -> int:
+        """(E - k) / E of the routed experts: what one token does not use."""
+        return sum(p.numel() for p in self.experts.parameters()) * (self.num_experts - self.top_k) // self.num_experts
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """Expert load (share of processed pairs per expert), router entropy, dropped fraction."""

@@ -28,6 +28,7 @@ from torch import nn
 
 from moebench.config import RoEConfig
 from moebench.distributed import shard_rand
+from moebench.models.extensions import LMExtension
 
 
 @dataclass
@@ -159,8 +160,11 @@ def routable_layers(cfg: RoEConfig, num_layers: int) -> list[int]:
     return list(cfg.layers) if cfg.layers is not None else list(range(1, num_layers - 1))
 
 
-class RoE(nn.Module):
-    """The RoE parts of a VLM: the routing-token embeddings and the wrapped layers' context."""
+class RoE(LMExtension):
+    """The RoE parts of a VLM (`model.roe`): the routing-token embeddings and the wrapped layers' context.
+    As the VLM's extension it runs the LM with the routing tokens appended whenever an image is given."""
+
+    uneven_gradients = True  # a layer that every example of one rank's share skips has no gradient there
 
     def __init__(self, hidden: int, cfg: RoEConfig):
         super().__init__()
@@ -177,13 +181,56 @@ class RoE(nn.Module):
         for layer in self.layers(llm):
             layer.run_all()
 
-    def drop_routing_tokens(self, llm, cache) -> None:
-        """After a prefill: remove the two routing tokens (the last two positions) from every KV cache.
-        No normal token attends to them, so decoding gives the same result without them."""
+    def run_lm(self, vlm, embeds, attention_mask, position_ids, *, input_ids, labels, cache, use_cache,
+               logits_to_keep, has_image):
+        """Prefill and training with an image: append the routing tokens, run, drop their logits. A
+        text-only prompt runs every layer; decoding steps keep their prefill's decisions."""
+        if not has_image:
+            if cache is None or cache.get_seq_length() == 0:
+                self.run_every_layer(vlm.llm)
+            return None
+        if self.ctx.mode == "dense":
+            return None
+        embeds, mask, positions = with_routing_tokens(vlm, embeds, attention_mask, position_ids, input_ids, labels)
+        self.ctx.routing, self.ctx.skip_probs, self.ctx.routing_in_cache = True, [], bool(use_cache)
+        try:
+            out = vlm.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                          cache=cache, use_cache=use_cache,
+                          logits_to_keep=logits_to_keep + 2 if logits_to_keep else 0)
+        finally:
+            self.ctx.routing = False
+        out.logits = out.logits[:, :-2]
+        return out
+
+    def after_prefill(self, vlm, cache) -> None:
+        """Remove the two routing tokens (the last two positions) from every KV cache. No normal token
+        attends to them, so decoding gives the same result without them."""
         if self.ctx.routing_in_cache:
-            for c in [cache] + [layer.cache for layer in self.layers(llm) if layer.cache is not None]:
+            for c in [cache] + [layer.cache for layer in self.layers(vlm.llm) if layer.cache is not None]:
                 c.crop(-2)
             self.ctx.routing_in_cache = False
+
+    def skipped_parameters(self, llm, skip_rates: dict[str, float]) -> float:
+        """Parameters an example does not use on average, given each routable layer's measured skip
+        rate: a skipped layer's weights, or a run layer's adapter."""
+        out = 0.0
+        for i, layer in zip(self.layer_ids, self.layers(llm)):
+            rate = skip_rates.get(str(i), 0.0)
+            out += rate * _count(layer.layer) + (1 - rate) * _count(layer.adapter)
+        return out
+
+    def parameter_counts(self, vlm, stats: dict | None) -> tuple[int, int]:
+        """The routing tokens, adapters and routers count in the total. Activated: with measured skip
+        rates (`stats["skip_rate"]`), the mean over examples; without them, every layer runs and no adapter."""
+        own = _count(self)  # the routing tokens live beside the LLM
+        rates = (stats or {}).get("skip_rate")
+        if rates:
+            return own, own - round(self.skipped_parameters(vlm.llm, rates))
+        return own, own - sum(_count(layer.adapter) for layer in self.layers(vlm.llm))
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def add_roe(model, cfg: RoEConfig) -> list[int]:

@@ -160,7 +160,7 @@ def run_stage(
                 acc_loss += loss.item() / stage.grad_accum
                 step_loss += loss.item() / stage.grad_accum
                 if not stand_in:
-                    acc_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
+                    acc_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["pixel_values"])
                 for k, v in logs.items():
                     v = v.detach().float().cpu() if torch.is_tensor(v) else torch.tensor(float(v))
                     acc_logs[k] = acc_logs.get(k, 0.0) + v / stage.grad_accum

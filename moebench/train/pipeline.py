@@ -25,11 +25,13 @@ import torch
 from moebench import distributed as parallel
 from moebench import results
 from moebench import variants
-from moebench.config import Recipe, StageConfig, recipe_hash, stage_key, to_dict, tokenizer_corpus, trainable_modules
+from moebench.config import (Recipe, StageConfig, VisionRecipe, recipe_hash, stage_key, to_dict, tokenizer_corpus,
+                             trainable_modules)
 from moebench.data.conversations import IGNORE, ConversationDataset, Encoder, collate, read_conversations
 from moebench.data.sources import DataSource, file_hash, resolve
 from moebench.errors import UserError
-from moebench.models.checkpoint import atomic_dir, is_model_dir, load_vlm, save_vlm
+from moebench.models.checkpoint import (atomic_dir, is_model_dir, load_vision_model, load_vlm, save_vision_model,
+                                       save_vlm)
 from moebench.runs import RUN_FILE, STAGES_DIR, RunInfo, git_commit
 from moebench.train.loop import NONFINITE_FILE, run_stage, total_steps
 
@@ -45,7 +47,8 @@ def data_hash(recipe: Recipe, src: DataSource) -> str:
     """The world's hash, or for a real data root the hash of every stage's data file."""
     if src.hash:
         return src.hash
-    return "-".join(file_hash(src.root / s.data) for s in recipe.stages if (src.root / s.data).is_file())
+    files = [src.root / s.data for s in recipe.stages if getattr(s, "data", "")]
+    return "-".join(file_hash(f) for f in files if f.is_file())
 
 
 def make_tokenizer(recipe: Recipe, src: DataSource):
@@ -69,8 +72,8 @@ def stage_dirs(recipe: Recipe, runs_dir: Path, dhash: str) -> list[Path]:
 
 def _trainable_parts(model, chain: list[variants.Variant] | None = None) -> dict[str, list]:
     """Module name in a stage's `train:` list -> its parameters: the common parts and each variant's
-    (Variant.param_parts; every registered variant's when `chain` is None). A name no part gives has none."""
-    chain = variants.VARIANTS.values() if chain is None else chain
+    (Variant.param_parts; every registered VLM variant's when `chain` is None). A name no part gives has none."""
+    chain = [v for v in variants.VARIANTS.values() if "lm" in v.kinds] if chain is None else chain
     extra: dict[str, list] = {}
     for v in chain:
         extra.update(v.param_parts(model))
@@ -81,8 +84,10 @@ def _trainable_parts(model, chain: list[variants.Variant] | None = None) -> dict
             "llm": [p for p in model.llm.parameters() if id(p) not in apart], "ffn": ffn}
 
 
-def _param_groups(model, stage: StageConfig, chain: list[variants.Variant] | None = None) -> list[tuple[str, list, float]]:
-    parts = _trainable_parts(model, chain)
+def _param_groups(model, stage: StageConfig, parts: Callable[[object], dict[str, list]]) -> list[tuple[str, list, float]]:
+    """The optimizer groups of `stage`: (name, parameters, lr) for each module in its `train:` list;
+    `parts(model)`: module name -> parameters. Everything else is frozen."""
+    parts = parts(model)
     for p in model.parameters():
         p.requires_grad_(False)
     groups = []
@@ -90,7 +95,7 @@ def _param_groups(model, stage: StageConfig, chain: list[variants.Variant] | Non
         params = parts[name]
         if not params:
             raise UserError(f"stages.{stage.name}.train has {name!r} but the model has no such parameters "
-                            "(routers exist only after a stage with upcycle: true)")
+                            "(routers exist only after the stage that adds them)")
         for p in params:
             p.requires_grad_(True)
         groups.append((name, params, stage.lr * stage.lr_scale.get(name, 1.0)))
@@ -146,8 +151,135 @@ def _stage_hooks(hooks: list[variants.StageHooks]) -> variants.StageHooks:
                                close=close if closes else None)
 
 
-def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = False, progress: bool = True,
-          on_step: Callable[[int], None] | None = None) -> RunInfo:
+def _transform(model, recipe, i: int, chain: list[variants.Variant], device) -> None:
+    """Each variant of the chain whose stage i it is transforms the model (upcycle, add routers)."""
+    for v in chain:
+        said = v.transform(model, recipe, i)
+        if said:
+            _say(parallel.world().main, said)
+    model.to(device)
+
+
+class _LanguageModel:
+    """What `train` does that is particular to a VLM recipe: the tokenizer and model, each stage's
+    conversations, its loss (clip or next-token) and the checkpoint layout."""
+
+    def __init__(self, recipe: Recipe, src: DataSource, device, progress: bool):
+        self.recipe, self.src, self.device, self.progress = recipe, src, device, progress
+        self.tokenizer = None
+
+    def load(self, model_dir: Path):
+        model, self.tokenizer, _ = load_vlm(model_dir, expect=self.recipe.model)
+        return model
+
+    def build(self):
+        from moebench.models.build import build_vlm
+
+        w = parallel.world()
+        self.tokenizer = parallel.broadcast(make_tokenizer(self.recipe, self.src) if w.main else None)
+        return build_vlm(self.recipe.model, self.tokenizer)
+
+    def stage(self, model, i: int, chain: list[variants.Variant]):
+        """(module trained, parameter selection, loss, dataset, batch function) of stage i; the variants of
+        `chain` transform the model first where the stage asks for it."""
+        recipe, stage, w = self.recipe, self.recipe.stages[i], parallel.world()
+        encoder = Encoder(self.tokenizer, model.num_image_tokens, model.image_token_id, system=recipe.model.system,
+                          max_len=stage.max_len)
+        items = read_conversations(self.src.root / stage.data, stage.max_samples)
+        with_image = [it for it in items if it.get("image")]
+        if len(with_image) < len(items):  # LLaVA-mix665k has text-only items; this loop trains on image ones
+            _say(w.main, f"[yellow]note:[/] stage {stage.name}: skipping {len(items) - len(with_image)} of "
+                         f"{len(items)} conversations without an image")
+            items = with_image
+        dataset = ConversationDataset(items, self.src.root / stage.images, encoder, stage.template, recipe.model.vision)
+        batch_fn = functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
+        if stage.kind == "clip":
+            from moebench.train.clip import ClipPretrainer, GroundedCaptions, clip_loss_fn, grounded_collate
+
+            _keep_images(model, dataset, stage, self.device, self.progress, frozen_tower=False)
+            if stage.grounding:
+                v = recipe.model.vision
+                dataset = GroundedCaptions(dataset, self.src.root / stage.grounding, v.image_size, v.patch_size)
+                batch_fn = grounded_collate(batch_fn)
+            tok = self.tokenizer
+            plain = ClipPretrainer(model.vision_tower, len(tok), tok.pad_token_id, tok.eos_token_id,
+                                   num_categories=getattr(dataset, "num_categories", 0),
+                                   grounding_weight=stage.grounding_weight).to(self.device)
+            return plain, functools.partial(_all_params, lr=stage.lr), clip_loss_fn, dataset, batch_fn
+        _transform(model, recipe, i, chain, self.device)
+        _keep_images(model, dataset, stage, self.device, self.progress, frozen_tower="vision" not in stage.train)
+        select = functools.partial(_param_groups, stage=stage, parts=lambda m: _trainable_parts(m, chain))
+        return model, select, stage_loss_fn(recipe, i, chain), dataset, batch_fn
+
+    def save(self, model, out: Path, extra: dict, variant_config: dict) -> None:
+        save_vlm(model, self.recipe.model, self.tokenizer, out, extra=extra, variant_config=variant_config)
+
+
+class _VisionModel:
+    """What `train` does that is particular to a vision recipe: a ViT with a head per task, the tasks'
+    labelled train images, the task losses and the checkpoint layout."""
+
+    def __init__(self, recipe, src: DataSource, device, progress: bool):
+        from moebench.eval.tasks import load_task
+        from moebench.vision.data import load_split
+
+        self.recipe, self.src, self.device = recipe, src, device
+        tasks = [load_task(t) for t in recipe.tasks]
+        self.splits = [load_split(t, src.root, t.train_split) for t in tasks]
+
+    def load(self, model_dir: Path):
+        return load_vision_model(model_dir, expect=self.recipe.vit)[0]
+
+    def build(self):
+        from moebench.vision.vit import ViTModel, build_vit
+
+        return ViTModel(build_vit(self.recipe.vit), {d.head: d.classes for d in self.splits})
+
+    def stage(self, model, i: int, chain: list[variants.Variant]):
+        from moebench.vision.data import TrainImages, collate
+
+        stage = self.recipe.stages[i]
+        dataset = TrainImages(self.splits, model.vit.image_size[0], stage.max_samples)
+        _transform(model, self.recipe, i, chain, self.device)
+
+        def parts(m) -> dict[str, list]:
+            extra = {k: p for v in chain for k, p in v.param_parts(m).items()}
+            return {**extra, "vit": list(m.vit.parameters()), "heads": list(m.heads.parameters())}
+
+        select = functools.partial(_param_groups, stage=stage, parts=parts)
+        loss_fn = vision_loss_fn()
+        for v in chain:
+            loss_fn = v.loss_fn(loss_fn, self.recipe, i)
+        return model, select, loss_fn, dataset, collate
+
+    def save(self, model, out: Path, extra: dict, variant_config: dict) -> None:
+        save_vision_model(model, self.recipe, out, extra=extra, variant_config=variant_config)
+
+
+def vision_loss_fn():
+    """The sum over heads of each head's cross-entropy (images without a label for a head are ignored)."""
+    from moebench.vision.data import IGNORE, IGNORE_CLASS
+
+    def loss_fn(model, batch):
+        out = model(batch["pixel_values"])
+        loss, logs = 0.0, {}
+        for head, logits in out.items():
+            labels = batch[f"labels_{head}"]
+            ignore = IGNORE_CLASS if head == "cls" else IGNORE
+            if bool((labels != ignore).any()):
+                term = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=ignore)
+            else:  # no label for this head in the batch: a zero that keeps the head in the graph
+                term = logits.sum() * 0.0
+            loss = loss + term
+            logs[f"{head}_loss"] = term.detach()
+        logs["lm_loss"] = loss.detach()  # the training table's task-loss column
+        return loss, logs
+
+    return loss_fn
+
+
+def train(recipe: Recipe | VisionRecipe, *, runs_dir: Path, results_dir: Path, resume: bool = False,
+          progress: bool = True, on_step: Callable[[int], None] | None = None) -> RunInfo:
     """Train every stage of `recipe` that is not cached yet; return the finished run.
 
     Under torchrun, every rank calls this; rank 0 writes (see the module docstring)."""
@@ -162,16 +294,14 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
     dirs = stage_dirs(recipe, runs_dir, dhash)
     run_name = f"{recipe.name}-{dirs[-1].name.rsplit('-', 1)[1][:8]}"
     device = parallel.device()
+    kind = (_VisionModel if isinstance(recipe, VisionRecipe) else _LanguageModel)(recipe, src, device, progress)
 
     done = parallel.broadcast(max((i for i, d in enumerate(dirs) if is_model_dir(d / "model")), default=-1))
     if done >= 0:
-        model, tokenizer, _ = load_vlm(dirs[done] / "model", expect=recipe.model)
+        model = kind.load(dirs[done] / "model")
         _say(w.main, f"reusing stages {[s.name for s in recipe.stages[: done + 1]]} from {dirs[done].parent}")
     else:
-        from moebench.models.build import build_vlm
-
-        tokenizer = parallel.broadcast(make_tokenizer(recipe, src) if w.main else None)
-        model = build_vlm(recipe.model, tokenizer)
+        model = kind.build()
     model.to(device)
 
     def log(rows: list[dict]) -> None:
@@ -183,41 +313,12 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
     for i in range(done + 1, len(recipe.stages)):
         stage = recipe.stages[i]
         torch.manual_seed(recipe.seed * 1000 + i)
-        encoder = Encoder(tokenizer, model.num_image_tokens, model.image_token_id, system=recipe.model.system,
-                          max_len=stage.max_len)
-        items = read_conversations(src.root / stage.data, stage.max_samples)
-        with_image = [it for it in items if it.get("image")]
-        if len(with_image) < len(items):  # LLaVA-mix665k has text-only items; this loop trains on image ones
-            _say(w.main, f"[yellow]note:[/] stage {stage.name}: skipping {len(items) - len(with_image)} of "
-                         f"{len(items)} conversations without an image")
-            items = with_image
-        dataset = ConversationDataset(items, src.root / stage.images, encoder, stage.template, recipe.model.vision)
-        batch_fn = functools.partial(collate, pad_id=tokenizer.pad_token_id)
-        if stage.kind == "clip":
-            from moebench.train.clip import ClipPretrainer, GroundedCaptions, clip_loss_fn, grounded_collate
-
-            _keep_images(model, dataset, stage, device, progress, frozen_tower=False)
-
-            if stage.grounding:
-                v = recipe.model.vision
-                dataset = GroundedCaptions(dataset, src.root / stage.grounding, v.image_size, v.patch_size)
-                batch_fn = grounded_collate(batch_fn)
-            plain = ClipPretrainer(model.vision_tower, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                   num_categories=getattr(dataset, "num_categories", 0),
-                                   grounding_weight=stage.grounding_weight).to(device)
-            select, loss_fn = functools.partial(_all_params, lr=stage.lr), clip_loss_fn
-        else:
-            for v in chain:  # the stage that asks for it transforms the model (upcycle, add routers)
-                said = v.transform(model, recipe, i)
-                if said:
-                    _say(w.main, said)
-            plain = model
-            select, loss_fn = functools.partial(_param_groups, stage=stage, chain=chain), stage_loss_fn(recipe, i, chain)
-            _keep_images(model, dataset, stage, device, progress, frozen_tower="vision" not in stage.train)
+        plain, select, loss_fn, dataset, batch_fn = kind.stage(model, i, chain)
         # module: what a step calls; net: the model it trains (a sharded copy of `plain` under FSDP2)
         module, net, groups = parallel.prepare(plain, recipe.distributed, select)
         trained = {name: params for name, params, _ in groups}
-        hooks = _stage_hooks([h for v in chain if (h := v.stage_hooks(net, recipe, i, stage.kind, trained))])
+        hooks = _stage_hooks([h for v in chain if (h := v.stage_hooks(net, recipe, i, getattr(stage, "kind", recipe.kind),
+                                                                     trained))])
         _say(progress, f"[bold]stage {i} {stage.name}[/]: {len(dataset)} samples, training {stage.train}"
                        + (f", {w.size} processes ({recipe.distributed})" if w.size > 1 else ""))
         res = run_stage(module, groups, loss_fn, dataset, batch_fn, stage,
@@ -234,8 +335,8 @@ def train(recipe: Recipe, *, runs_dir: Path, results_dir: Path, resume: bool = F
             # stage.json whole or absent, and before the model, whose presence marks the stage done
             results.write_text_atomic(dirs[i] / "stage.json", json.dumps(
                 {"stage": stage.name, "steps": res.steps, "final_loss": res.final_loss}))
-            save_vlm(model, recipe.model, tokenizer, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss},
-                     variant_config={k: c for v in chain for k, c in v.checkpoint_config(recipe, i).items()})
+            kind.save(model, dirs[i] / "model", extra={"stage": stage.name, "final_loss": res.final_loss},
+                      variant_config={k: c for v in chain for k, c in v.checkpoint_config(recipe, i).items()})
             shutil.rmtree(dirs[i] / "partial", ignore_errors=True)
             (dirs[i] / NONFINITE_FILE).unlink(missing_ok=True)
         parallel.barrier()

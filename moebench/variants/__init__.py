@@ -1,9 +1,10 @@
-"""Language-model variants (`variant:` in a recipe), one module each, behind the `Variant` interface.
+"""Variants (`variant:` in a recipe), one module each, behind the `Variant` interface.
 
     dense  the LLaVA model as built                      moebench/variants/dense.py
     moe    MoE-LLaVA: FFNs upcycled into experts          moebench/variants/moe.py
     stgc   STGC on the MoE model (chain [moe, stgc])      moebench/variants/stgc.py
     roe    RoE: layers skipped per example                moebench/variants/roe.py
+    vimoe  ViMoE: a ViT's block MLPs upcycled (vision)    moebench/variants/vimoe.py
 
 `register` adds one (a test file may define its own, tests/test_toy_variant.py); `chain(name)` is the
 list that config (stage keys), the pipeline (transforms, losses, the stage loop's hooks), the evaluator
@@ -39,23 +40,26 @@ def chain(name: str) -> list[Variant]:
     return [*out, v]
 
 
-def check_name(name: str) -> None:
-    """The recipe's `variant:` is a registered one (the message of a wrong choice among fixed values)."""
-    names = [v.name for v in VARIANTS.values()]
+def check_name(name: str, kind: str = "lm") -> None:
+    """The recipe's `variant:` is a registered one for a recipe of `kind` (lm or vision)."""
+    names = [v.name for v in VARIANTS.values() if kind in v.kinds]
     if name not in names:
-        raise UserError(f"variant={name!r} is not allowed; choose one of {names}{did_you_mean(str(name), names)}")
+        where = f" in a {'vision' if kind == 'vision' else 'VLM'} recipe" if name in VARIANTS else ""
+        raise UserError(f"variant={name!r} is not allowed{where}; choose one of {names}"
+                        f"{did_you_mean(str(name), names)}")
 
 
 def validate(recipe) -> None:
     """Every registered variant checks its own section and stage flag, then: a section the recipe's
     variant does not read is an error (it would be ignored, or train a variant under another's name)."""
-    for v in VARIANTS.values():
+    mine = [v for v in VARIANTS.values() if recipe.kind in v.kinds]
+    for v in mine:
         v.validate(recipe)
     reads = {v.section for v in chain(recipe.variant) if v.section}
-    sections = list(dict.fromkeys(v.section for v in VARIANTS.values() if v.section))
+    sections = list(dict.fromkeys(v.section for v in mine if v.section))
     for section in sections:
         if getattr(recipe, section, None) is not None and section not in reads:
-            users = [v.name for v in VARIANTS.values() if section in {c.section for c in chain(v.name)}]
+            users = [v.name for v in mine if section in {c.section for c in chain(v.name)}]
             raise UserError(f"variant={recipe.variant} does not use the `{section}:` section (variant "
                             f"{' or '.join(users)} does); remove the section or set variant={users[0]}")
 
@@ -71,10 +75,10 @@ def structure_name(meta: dict) -> str:
     return next((v.structure for v in VARIANTS.values() if v.stores in has), "a dense")
 
 
-from moebench.variants import dense, moe, roe, stgc  # noqa: E402
+from moebench.variants import dense, moe, roe, stgc, vimoe  # noqa: E402
 
-for _v in (dense.DENSE, moe.MOE, stgc.STGC_VARIANT, roe.ROE):
+for _v in (dense.DENSE, moe.MOE, stgc.STGC_VARIANT, roe.ROE, vimoe.VIMOE):
     register(_v)
 
 __all__ = ["VARIANTS", "Counter", "StageHooks", "Variant", "chain", "check_name", "get", "register", "stored",
-           "structure_name", "validate", "dense", "moe", "stgc", "roe"]
+           "structure_name", "validate", "dense", "moe", "stgc", "roe", "vimoe"]

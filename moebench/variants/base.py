@@ -19,6 +19,8 @@ and in `load_vlm` / `moebench eval`:
     rebuild(model, meta)                   from model.json, before the weights load
     counter(model)                         routing statistics while generating (eval rows' `extra`)
     activated_params(model, extra)         measured parameter counts, when the statistics define them
+and in `moebench plan`:
+    plan(model, recipe)                    transform a meta-device model as the final stage's is; say what it did
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Variant:
     """One method. Class attributes describe it; methods are no-ops unless the variant changes that step."""
 
     name: str = ""  # the recipe's `variant:` value, the registry key
+    kinds: tuple[str, ...] = ("lm",)  # the recipe kinds it applies to: lm (a VLM recipe), vision (a ViT recipe)
     builds_on: tuple[str, ...] = ()  # variants applied before this one (stgc builds on moe)
     section: str | None = None  # its recipe section (a field of config.Recipe), or None
     stage_flag: str | None = None  # the StageConfig flag that marks the stage applying `transform`
@@ -71,6 +74,7 @@ class Variant:
     structure: str = ""  # how an error names a model with that key ("an MoE")
     param_names: tuple[str, ...] = ()  # module names it adds to a stage's `train:` (its param_parts' keys)
     separate_from_llm: tuple[str, ...] = ()  # param_parts that the `llm` part excludes
+    commands: dict[str, Callable] = {}  # its benchmarks: `moebench bench NAME` -> a typer command function
 
     # ------------------------------------------------------------ recipe
     def validate(self, recipe) -> None:
@@ -144,3 +148,11 @@ class Variant:
     def activated_params(self, model, extra: dict) -> dict | None:
         """Parameter counts measured from `extra` (the counters' entries), or None to keep the static count."""
         return None
+
+    # ------------------------------------------------------------ plan
+    def plan(self, model, recipe) -> dict:
+        """For `moebench plan`: transform `model` (built on the meta device, no weights) as the recipe's
+        final model is, and return what the plan reports: `note` (a phrase for the table), `stats`
+        (statistics to count activated parameters with, as evaluation's counters give them) and any other
+        entries for the plan's JSON."""
+        return {}

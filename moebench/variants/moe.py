@@ -4,18 +4,20 @@ model.json stores the section; evaluation counts each layer's expert load."""
 
 from __future__ import annotations
 
+import json
+
+import typer
+
 from moebench.config import moe_layer_indices, to_dict
 from moebench.errors import UserError
 from moebench.variants.base import Counter, Variant
 
 
-class _LoadCounter(Counter):
+class LoadCounter(Counter):
     """Per MoE layer, the token-expert pairs processed (moebench.moe.upcycle.LoadCounter), over ranks."""
 
-    def __init__(self, model):
-        from moebench.moe.upcycle import LoadCounter
-
-        self.load = LoadCounter(model)
+    def __init__(self, load):
+        self.load = load
 
     def __enter__(self):
         self.load.__enter__()
@@ -115,7 +117,19 @@ class MoE(Variant):
             upcycle(model.llm, from_dict(MoEConfig, meta["moe"], "moe"), empty=True)
 
     def counter(self, model) -> Counter:
-        return _LoadCounter(model)
+        from moebench.moe.upcycle import LoadCounter as Counts
+
+        return LoadCounter(Counts(model))
+
+    def plan(self, model, recipe) -> dict:
+        if self.stage_index(recipe) is None:
+            return {"moe_layers": [], "experts": None, "top_k": None}
+        from moebench.moe.upcycle import upcycle
+
+        m = recipe.moe
+        layers = upcycle(model.llm, m, empty=True)
+        return {"note": f"{len(layers)} MoE layers x {m.num_experts} experts, top-{m.top_k}",
+                "moe_layers": layers, "experts": m.num_experts, "top_k": m.top_k}
 
 
 MOE = MoE()
@@ -124,3 +138,52 @@ MOE = MoE()
 def upcycle_index(recipe) -> int | None:
     """The index of the stage that upcycles the model, or None for a dense recipe."""
     return MOE.stage_index(recipe)
+
+
+# ------------------------------------------------------------ `moebench bench moe-layer`
+def bench_moe_layer(
+    experts: int = typer.Option(4, help="Routed experts E."),
+    top_k: int = typer.Option(2, "--top-k", help="Experts per token k."),
+    hidden: int = typer.Option(512, help="Model width d."),
+    ffn: int = typer.Option(1408, help="SwiGLU width f of one expert."),
+    tokens: int = typer.Option(4096, help="Tokens per forward."),
+    repeats: int = typer.Option(5, help="Timed rounds (median reported)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Forward+backward of one MoE layer vs the equal-FLOPs dense FFN, the naive expert loop and transformers' kernels."""
+    from moebench.cli import out
+
+    import torch
+
+    from moebench.moe.bench import bench_moe_layer as run_bench
+
+    if top_k > experts:
+        raise UserError(f"--top-k {top_k} is larger than --experts {experts}; choose top_k <= experts")
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype {dtype!r}: choose fp32 or bf16")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here; use --device cpu")
+    r = run_bench(experts=experts, top_k=top_k, hidden=hidden, ffn=ffn, tokens=tokens, repeats=repeats,
+                  device=device, dtype=dtype)
+    if as_json:
+        print(json.dumps(r, indent=1))
+        return
+    from rich.table import Table
+
+    c = r["config"]
+    t = Table(title=f"MoE layer fwd+bwd: E={c['experts']} k={c['top_k']} d={c['hidden']} f={c['ffn']} "
+                    f"{c['tokens']} tokens, {c['dtype']} {c['device']} ({c['threads']} threads)")
+    for col in ("contender", "ms (median)", "x dense", "x loop (paired)", "rounds faster than loop"):
+        t.add_column(col, justify="left" if col == "contender" else "right")
+    for name, sec in r["seconds"].items():
+        vs = r["ratio_to_loop_paired"]
+        t.add_row(name + (" = moebench default" if name == r["default"] else ""), f"{1000 * sec:.1f}",
+                  f"{r['ratio_to_dense'][name]:.2f}",
+                  f"{vs[name]:.3f}" if name in vs else "1", f"{r['rounds_faster_than_loop'][name]:.0%}" if name in vs else "")
+    out.print(t)
+    out.print("x loop (paired): the median over rounds of each contender's time over the naive loop's in the same round")
+
+
+MOE.commands = {'moe-layer': bench_moe_layer}

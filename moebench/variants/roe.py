@@ -5,6 +5,12 @@ section; evaluation counts each layer's skip rate and the activated parameters t
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
 from moebench.config import to_dict
 from moebench.errors import UserError
 from moebench.variants.base import Counter, StageHooks, Variant
@@ -142,7 +148,18 @@ class RoE(Variant):
             return None
         from moebench.models.params import count_params
 
-        return count_params(model, extra["skip_rate"])  # from the decisions actually taken
+        return count_params(model, extra)  # from the decisions actually taken
+
+    def plan(self, model, recipe) -> dict:
+        if self.stage_index(recipe) is None:
+            return {}
+        from moebench.roe.model import add_roe
+
+        r = recipe.roe
+        layers = add_roe(model, r)  # activated at the target skip ratio (the measured one is in the eval rows)
+        return {"note": f"RoE: {len(layers)} routable layers, activated at target skip {r.target_skip}",
+                "stats": {"skip_rate": {str(i): r.target_skip for i in layers}},
+                "roe_layers": layers, "roe_target_skip": r.target_skip}
 
 
 ROE = RoE()
@@ -151,3 +168,58 @@ ROE = RoE()
 def roe_index(recipe) -> int | None:
     """The index of the stage that adds RoE, or None."""
     return ROE.stage_index(recipe)
+
+
+# ------------------------------------------------------------ `moebench bench roe`
+def bench_roe(
+    model: Optional[Path] = typer.Option(None, "--model", help="An RoE run directory; default: the most recent run."),
+    task: str = typer.Option("gqa", help="Whose prompts to time."),
+    limit: int = typer.Option(64, min=1, help="Prompts per batch size."),
+    batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma-separated batch sizes."),
+    new_tokens: int = typer.Option(4, "--new-tokens", min=1, help="Tokens generated per prompt (fixed)."),
+    repeats: int = typer.Option(3, min=1, help="Timed rounds per mode (median)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch (default: torch's own)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Directory of runs and cached stage checkpoints."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Time per sample of an RoE run skipping for real vs the same model running every layer."""
+    from moebench.cli import out
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    from moebench.roe.bench import bench_roe as run_bench
+    from moebench.runs import latest_run, open_run
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes {batch_sizes!r}: give integers, e.g. 1,8") from None
+    run = open_run(model) if model else latest_run(runs)
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"--device {device!r}: give cpu, or cuda on a machine with a GPU")
+    r = run_bench(run, task=task, limit=limit, batch_sizes=sizes, max_new_tokens=new_tokens, repeats=repeats,
+                  device=device)
+    if as_json:
+        print(json.dumps(r, indent=1))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"RoE {r['run']}: {r['samples']} {r['task']} prompts, {r['new_tokens']} new tokens, "
+                    f"skip ratio {r['skip_ratio_all_layers']:.3f} of all layers")
+    for col in ("batch size", "RoE ms/sample", "dense ms/sample", "prefill RoE/dense", "decode RoE/dense",
+                "RoE / dense", "1 - 0.7 s", "rounds under"):
+        t.add_column(col, justify="right")
+    for bs, x in r["by_batch_size"].items():
+        pre, dec = x["prefill_ms_per_sample"], x["decode_ms_per_sample"]
+        t.add_row(bs, f"{x['roe_ms_per_sample']:.2f}", f"{x['dense_ms_per_sample']:.2f}",
+                  f"{pre['roe']:.2f}/{pre['dense']:.2f}", f"{dec['roe']:.2f}/{dec['dense']:.2f}", f"{x['ratio']:.3f}",
+                  f"{x['bound_1_minus_0.7s']:.3f}", f"{x['rounds_under_bound']}/{x['rounds']}")
+    out.print(t)
+    out.print(f"skip rate per layer: {r['skip_rate']}")
+
+
+ROE.commands = {'roe': bench_roe}

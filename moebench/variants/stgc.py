@@ -4,6 +4,12 @@ each token's gradient after every backward (moebench/moe/stgc.py)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
 from moebench.config import moe_layer_indices, to_dict
 from moebench.errors import UserError
 from moebench.variants.base import StageHooks, Variant
@@ -55,3 +61,38 @@ class STGC(Variant):
 
 
 STGC_VARIANT = STGC()
+
+
+# ------------------------------------------------------------ `moebench bench stgc`
+def bench_stgc(
+    recipe: Path = typer.Argument(Path("shapes_stgc"), help="An MoE or STGC recipe, file or bundled name (its stage-III data and settings)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="A trained run or stage model dir; default: the recipe's model upcycled at init."),
+    steps: int = typer.Option(8, min=1, help="Batches (each timed once per mode)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Conversations per batch."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """STGC step time vs plain MoE (output and exact modes), and the Pearson correlation of their cosines."""
+    from moebench.cli import out
+
+    from moebench.config import load_recipe
+    from moebench.moe.bench import bench_stgc as run_bench
+
+    model_dir = (model / "model" if (model / "model").is_dir() else model) if model else None
+    r = run_bench(load_recipe(recipe), model_dir=model_dir, steps=steps, batch_size=batch_size)
+    if as_json:
+        print(json.dumps(r, indent=1))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"STGC on {r['recipe']}: {r['steps']} batches of {r['batch_size']}, {r['model']}")
+    for col in ("mode", "s / step (median)", "x plain MoE"):
+        t.add_column(col, justify="left" if col == "mode" else "right")
+    for name, sec in r["seconds_per_step"].items():
+        t.add_row(name, f"{sec:.3f}", f"{r['ratio_to_moe'][name]:.2f}")
+    out.print(t)
+    out.print(f"Pearson r between output- and exact-mode gradient cosines over {r['pairs']} routed pairs: "
+              f"{r['pearson_output_vs_exact']:.3f}; conflict flags agree on {100 * r['flag_agreement']:.1f}% "
+              f"(conflict rate output {r['conflict_rate']['output']:.3f}, exact {r['conflict_rate']['exact']:.3f})")
+
+
+STGC_VARIANT.commands = {'stgc': bench_stgc}

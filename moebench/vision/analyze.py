@@ -23,14 +23,14 @@ from moebench import results
 from moebench.errors import UserError
 
 
-def routing_matrices(model, dataset, batch_size: int = 128) -> dict[int, torch.Tensor]:
-    """{layer: (classes, experts) counts of first-choice routings}, classes from the image labels."""
-    from moebench.vision.train import _collate
+def routing_matrices(model, data, batch_size: int = 128) -> dict[int, torch.Tensor]:
+    """{layer: (classes, experts) counts of first-choice routings}; `data`: a classification split
+    (moebench.vision.data.ClassLabels) whose classes label the images."""
+    from moebench.vision.data import pixels
     from moebench.vision.vit import vision_moe_blocks
 
     blocks = vision_moe_blocks(model.vit)
-    n_classes = len(dataset.classes)
-    mats = {i: torch.zeros(n_classes, b.num_experts) for i, b in blocks}
+    mats = {i: torch.zeros(len(data.classes), b.num_experts) for i, b in blocks}
     current = {}
 
     def hook(i):
@@ -42,14 +42,14 @@ def routing_matrices(model, dataset, batch_size: int = 128) -> dict[int, torch.T
         return fn
 
     handles = [b.register_forward_hook(hook(i)) for i, b in blocks]
+    size = model.vit.image_size[0]
+    device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[k] for k in range(start, min(len(dataset), start + batch_size))]
-            batch = _collate(items)
-            current["labels"] = torch.tensor([dataset.classes.index(dataset.labels[dataset.files[k]])
-                                              for k in range(start, start + len(items))])
-            model(batch["pixel_values"])
+        for start in range(0, len(data), batch_size):
+            idx = range(start, min(len(data), start + batch_size))
+            current["labels"] = torch.stack([data.label(k) for k in idx])
+            model(torch.stack([pixels(data.images[k], size) for k in idx]).to(device))
     for h in handles:
         h.remove()
     return mats
@@ -87,26 +87,27 @@ def heatmap_png(mats: dict[int, torch.Tensor], classes: list[str], path: Path, c
 
 
 def analyze_vision_run(run_dir: Path, results_dir: Path, out_png: Path | None = None) -> dict:
-    from safetensors.torch import load_model
-
-    from moebench.config import VisionRecipe, from_dict
+    """Routing matrices of a vision run's MoE blocks on the val split of a classification task: the
+    recipe's own, or the shapes world's classes (cls_shapes) for a segmentation recipe on the world."""
     from moebench.data.sources import resolve
-    from moebench.vision.train import SEG_CLASSES, ShapesVision, _model
-    from moebench.vision.vit import add_vision_moe
+    from moebench.eval.tasks import load_task
+    from moebench.runs import open_run
+    from moebench.vision.data import load_split
+    from moebench.vision.vit import vision_moe_blocks
 
-    meta = json.loads((run_dir / "run.json").read_text())
-    recipe = from_dict(VisionRecipe, meta["recipe"])
+    run = open_run(run_dir)
+    recipe = run.recipe
+    model, _ = run.load_model()
+    if not vision_moe_blocks(model.vit):
+        raise UserError(f"{run_dir} has no MoE blocks (variant {recipe.variant}); analyze a vimoe run")
+    tasks = [t for t in map(load_task, recipe.tasks) if t.head == "cls"]
+    if not tasks and recipe.data.source == "shapes":
+        tasks = [load_task("cls_shapes")]
+    if not tasks:
+        raise UserError(f"{run_dir}: its recipe has no classification task whose classes could label the images; "
+                        "routing matrices need image classes")
     src = resolve(recipe.data.source, recipe.data.world, progress=False)
-    val = ShapesVision(src.root, "val", "cls", recipe.vit)  # image classes label the routing
-    n_out = len(val.classes) if recipe.task == "cls" else SEG_CLASSES
-    model = _model(recipe, n_out)
-    if meta["variant"] == "dense":
-        raise UserError(f"{run_dir} is a dense run; analyze a moe or moe_shared run")
-    import dataclasses
-
-    shared = recipe.shared_expert if meta["variant"] == "moe_shared" else "none"
-    add_vision_moe(model.vit, dataclasses.replace(recipe.moe, shared_expert=shared), recipe.vit.routing_unit)
-    load_model(model, str(run_dir / "model.safetensors"))
+    val = load_split(tasks[0], src.root, tasks[0].splits[0])
     mats = routing_matrices(model, val)
     stamp, versions = results.utc_now(), results.software_versions()
     rows, summary = [], {}
@@ -114,14 +115,14 @@ def analyze_vision_run(run_dir: Path, results_dir: Path, out_png: Path | None = 
         purity, entropy = purity_entropy(m)
         summary[layer] = {"purity": purity, "entropy": entropy}
         for metric, value in (("purity", purity), ("entropy", entropy)):
-            rows.append({"run": meta["name"], "variant": meta["variant"], "task": "routing", "split": f"layer{layer}",
+            rows.append({"run": run.name, "variant": recipe.variant, "task": "routing", "split": f"layer{layer}",
                          "metric": metric, "value": value, "baseline": 1 / len(val.classes) if metric == "purity" else None,
                          "n": len(val), "dataset": src.name, "dataset_hash": src.hash, "recipe": recipe.name,
                          "extra": {"classes": val.classes, "matrix": m.tolist()}, "timestamp": stamp,
-                         "git_commit": meta.get("git_commit", ""), **versions})
-    results.append_rows(results_dir, "metrics", meta["name"], rows)
-    png = heatmap_png(mats, val.classes, out_png or (results_dir / meta["name"] / "routing.png"))
-    return {"run": meta["name"], "layers": summary, "png": str(png)}
+                         "git_commit": run.git_commit, **versions})
+    results.append_rows(results_dir, "metrics", run.name, rows)
+    png = heatmap_png(mats, val.classes, out_png or (results_dir / run.name / "routing.png"))
+    return {"run": run.name, "layers": summary, "png": str(png)}
 
 
 def llm_expert_load(run_name: str, results_dir: Path) -> dict:

@@ -1,4 +1,4 @@
-"""ViMoE vision track (arXiv 2410.15732): open_clip ViTs whose block MLPs become MoE.
+"""Vision backbones for the vision recipes: open_clip ViTs, whose block MLPs ViMoE (arXiv 2410.15732) makes MoE.
 
 The backbone is open_clip's `VisionTransformer`, built from sizes (the embedded world) or from an
 open_clip model config name such as "ViT-B-16" (the config ships with open_clip; nothing downloaded),
@@ -6,8 +6,9 @@ with local weights when given. Chosen blocks get the MoE layer of the MoE varian
 experts upcycled from the block's MLP, an optional shared expert, routing per token or per image
 (one assignment per image, from its class token).
 
-Heads: a linear classifier on the pooled feature; a segmentation decode head (linear on the patch
-tokens, bilinearly upsampled to the input size) with whole-image and sliding-window inference.
+`ViTModel` puts a head per task kind on the backbone: a linear classifier on the pooled feature; a
+segmentation decode head (linear on the patch tokens, bilinearly upsampled to the input size) with
+whole-image and sliding-window inference.
 """
 
 from __future__ import annotations
@@ -84,48 +85,53 @@ def vision_moe_blocks(vit: nn.Module) -> list[tuple[int, nn.Module]]:
     return [(i, b.mlp) for i, b in enumerate(vit.transformer.resblocks) if isinstance(b.mlp, MoEBlock)]
 
 
-class ViTClassifier(nn.Module):
-    def __init__(self, vit: nn.Module, num_classes: int):
+class ViTModel(nn.Module):
+    """A ViT backbone with one head per task kind: `cls`, a linear classifier on the pooled feature;
+    `seg`, a linear decode head on the patch tokens, bilinearly upsampled to the input size.
+    forward -> {head: logits}: cls (B, C), seg (B, C, H, W)."""
+
+    def __init__(self, vit: nn.Module, classes: dict[str, list[str]]):
+        """`classes`: head -> its class names (their count is the head's width)."""
         super().__init__()
         self.vit = vit
-        self.head = nn.Linear(vit.output_dim, num_classes)
+        self.classes = {name: list(c) for name, c in classes.items()}
+        self.num_classes = {name: len(c) for name, c in classes.items()}
+        heads = self.num_classes
+        self.heads = nn.ModuleDict({
+            name: nn.Linear(vit.output_dim if name == "cls" else vit.transformer.width, n) for name, n in heads.items()})
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.vit(pixels)  # (B, d)
-        return self.head(pooled)  # (B, C)
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled, tokens = self.vit(pixels)  # (B, d), (B, h*w, d)
+        out = {}
+        if "cls" in self.heads:
+            out["cls"] = self.heads["cls"](pooled)  # (B, C)
+        if "seg" in self.heads:
+            b, _, _ = tokens.shape
+            h, w = self.vit.grid_size
+            logits = self.heads["seg"](tokens).transpose(1, 2).reshape(b, self.num_classes["seg"], h, w)
+            out["seg"] = nn.functional.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        return out
 
-
-class ViTSegmenter(nn.Module):
-    """Linear decode head on the patch tokens, upsampled (bilinear) to the input size."""
-
-    def __init__(self, vit: nn.Module, num_classes: int):
-        super().__init__()
-        self.vit = vit
-        self.head = nn.Linear(vit.transformer.width, num_classes)
-        self.num_classes = num_classes
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        _, tokens = self.vit(pixels)  # (B, h*w, d)
-        b, n, _ = tokens.shape
-        h, w = self.vit.grid_size
-        logits = self.head(tokens).transpose(1, 2).reshape(b, self.num_classes, h, w)  # (B, C, h, w)
-        return nn.functional.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+    def segment(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) segmentation logits."""
+        return self(pixels)["seg"]
 
 
 @torch.no_grad()
-def slide_inference(model: ViTSegmenter, pixels: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+def slide_inference(segment, pixels: torch.Tensor, crop: int, stride: int, num_classes: int) -> torch.Tensor:
     """mmseg's sliding-window inference: crops of `crop` px every `stride` px (the last one flush with
-    the border), logits summed per pixel and divided by the number of windows covering it."""
+    the border), logits summed per pixel and divided by the number of windows covering it. `segment`:
+    (B, 3, crop, crop) -> (B, num_classes, crop, crop) logits."""
     b, _, height, width = pixels.shape
     if height < crop or width < crop:
         raise UserError(f"sliding window crop {crop} is larger than the image ({height}x{width}); use whole-image inference")
     rows = max(height - crop + stride - 1, 0) // stride + 1
     cols = max(width - crop + stride - 1, 0) // stride + 1
-    out = pixels.new_zeros(b, model.num_classes, height, width)
+    out = pixels.new_zeros(b, num_classes, height, width)
     count = pixels.new_zeros(1, 1, height, width)
     for r in range(rows):
         for c in range(cols):
             y1, x1 = min(r * stride, height - crop), min(c * stride, width - crop)
-            out[:, :, y1: y1 + crop, x1: x1 + crop] += model(pixels[:, :, y1: y1 + crop, x1: x1 + crop])
+            out[:, :, y1: y1 + crop, x1: x1 + crop] += segment(pixels[:, :, y1: y1 + crop, x1: x1 + crop])
             count[:, :, y1: y1 + crop, x1: x1 + crop] += 1
     return out / count

@@ -5,7 +5,8 @@ so a plan for a 2B or 7B recipe needs neither a download nor the checkpoint. A r
 preset with `model.llm.arch` / `model.vision.arch`; a local checkpoint directory's own config.json
 wins when it is present.
 
-Counting: MoE-LLaVA's activated / total counts are the whole LLM, embeddings and
+The recipe's variants transform the model as its stages would (Variant.plan: upcycled FFNs, RoE
+layers counted at the target skip ratio). Counting: MoE-LLaVA's activated / total counts are the whole LLM, embeddings and
 LM head included; the embedding share is reported beside them. A token activates every dense
 parameter, each MoE block's router and shared expert, and top_k of its num_experts routed experts.
 FLOPs per token are 2 x the activated matmul weights (the input embedding is a lookup, not a
@@ -96,31 +97,29 @@ def vision_config(recipe: Recipe):
 
 
 def plan(recipe: Recipe, text_tokens: int = 128) -> dict:
-    """Parameters (total / activated, per part) and FLOPs per token of the recipe's final model."""
+    """Parameters (total / activated, per part) and FLOPs per token of the recipe's final model: each
+    variant of the recipe's chain transforms the meta-device model and says what it did (Variant.plan)."""
     import torch
     from transformers import AutoModelForCausalLM, CLIPVisionModel
 
+    from moebench import variants
     from moebench.models.build import PROJECTORS
     from moebench.models.params import count_params
     from moebench.models.vlm import VLM
-    from moebench.moe.upcycle import upcycle
 
     lcfg, vcfg = llm_config(recipe), vision_config(recipe)
+    structure, notes, stats = {}, [], {}
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(lcfg)
         vision = CLIPVisionModel(vcfg)
         projector = PROJECTORS.get(recipe.model.projector)(vcfg.hidden_size, lcfg.hidden_size)
         model = VLM(vision, projector, llm, image_token_id=0, select=recipe.model.vision.select)
-        moe_layers = []
-        if recipe.moe is not None and any(s.upcycle for s in recipe.stages):
-            moe_layers = upcycle(llm, recipe.moe, empty=True)
-        skip_rates = None
-        if recipe.roe is not None and any(s.add_roe for s in recipe.stages):
-            from moebench.roe.model import add_roe
-
-            # RoE: activated at the target skip ratio (the measured one is in the eval rows)
-            skip_rates = {str(i): recipe.roe.target_skip for i in add_roe(model, recipe.roe)}
-    p = count_params(model, skip_rates)
+        for v in variants.chain(recipe.variant):
+            part = v.plan(model, recipe)
+            notes.append(part.pop("note", ""))
+            stats.update(part.pop("stats", {}))
+            structure.update(part)
+    p = count_params(model, stats or None)
     d, n_layers = lcfg.hidden_size, lcfg.num_hidden_layers
     n_image = model.num_image_tokens
     context = n_image + text_tokens
@@ -134,11 +133,8 @@ def plan(recipe: Recipe, text_tokens: int = 128) -> dict:
     return {
         "recipe": recipe.name, "variant": recipe.variant,
         "llm": {"total": p["llm"], "activated": p["llm_activated"], "embeddings": p["llm_embeddings"],
-                "embeddings_counted": True, "layers": n_layers, "hidden": d, "moe_layers": moe_layers,
-                "experts": recipe.moe.num_experts if moe_layers else None,
-                "top_k": recipe.moe.top_k if moe_layers else None,
-                "roe_layers": [int(i) for i in skip_rates] if skip_rates else [],
-                "roe_target_skip": recipe.roe.target_skip if skip_rates else None},
+                "embeddings_counted": True, "layers": n_layers, "hidden": d,
+                "structure": "; ".join(n for n in notes if n), **structure},
         "vision": {"total": p["vision"], "tokens_per_image": n_image},
         "projector": {"total": p["projector"]},
         "total": p["total"], "activated": p["activated"],
