@@ -104,7 +104,9 @@ def _train_one(rec, *, runs: Path, results: Path, resume: bool, eval_: bool, pro
 @app.command("eval")
 def eval_cmd(
     tasks: str = typer.Option("pope,gqa", "--tasks", help="Comma-separated task names (see `moebench ls`)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Run directory; default: the most recent run."),
+    model: Optional[Path] = typer.Option(None, "--model", help="A run directory, or a checkpoint directory of another "
+                                         "layout (llava-hf; converted once, under RUNS/.converted/); default: the "
+                                         "most recent run."),
     data: Optional[str] = typer.Option(None, "--data", help="'shapes' or a data root (default: the run's own data, or $MOEBENCH_DATA)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generation batch."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N samples of each split."),
@@ -118,9 +120,11 @@ def eval_cmd(
 
     Data-parallel: `torchrun --nproc-per-node N -m moebench eval ...` (or --nproc N) splits the samples."""
     from moebench.eval.runner import evaluate_run
-    from moebench.runs import latest_run, open_run
+    from moebench.runs import latest_run
 
-    run = open_run(model) if model else latest_run(runs)
+    from moebench.interop.convert import open_any
+
+    run = open_any(model, runs, say=err.print) if model else latest_run(runs)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise UserError("--tasks is empty; name at least one task, e.g. --tasks pope,gqa")
@@ -133,6 +137,33 @@ def eval_cmd(
     rows = evaluate_run(run, names, data=data, batch_size=batch_size, limit=limit, results_dir=results,
                         log_samples=log_samples, progress=progress)
     _print_headlines(rows)
+
+
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="A run directory made by `moebench train`."),
+    out: Path = typer.Argument(..., help="Where to write the transformers checkpoint (a directory)."),
+):
+    """Write a run as a transformers checkpoint (LlavaForConditionalGeneration; an MoE run with a Qwen2-MoE
+    text model) that AutoModelForImageTextToText, lmms-eval, VLMEvalKit or vLLM load."""
+    from moebench.interop.export import export_run
+    from moebench.runs import open_run
+
+    r = export_run(open_run(run), out)
+    err.print(f"[green]exported[/] {run} -> {r['out']} ({r['architecture']}, text model {r['text_model']})")
+
+
+@app.command("convert")
+def convert_cmd(
+    path: Path = typer.Argument(..., help="A checkpoint directory (llava-hf: LlavaForConditionalGeneration, dense "
+                                          "or with a Qwen2-MoE text model)."),
+    out: Path = typer.Argument(..., help="Where to write the moebench run."),
+):
+    """Write a checkpoint of another layout as a moebench run that `moebench eval --model OUT` evaluates."""
+    from moebench.interop.convert import convert
+
+    r = convert(path, out)
+    err.print(f"[green]converted[/] {path} -> {r.dir} (variant {r.recipe.variant})")
 
 
 @app.command("score")

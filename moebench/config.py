@@ -154,6 +154,10 @@ class MoEConfig:
     # expert kernel, one of transformers.integrations.moe's; None = grouped_mm on CUDA, eager on CPU
     # ("segment_mm", a kernel of earlier versions, is refused with what to use instead)
     implementation: Literal["segment_mm", "grouped_mm", "batched_mm", "eager"] | None = None
+    # widths of a routed / the shared expert when they are not the FFN's: set by `moebench convert` for
+    # checkpoints trained with experts of their own width (Qwen2-MoE); upcycling copies the FFN (None)
+    expert_size: int | None = None
+    shared_expert_size: int | None = None
 
 
 @dataclass

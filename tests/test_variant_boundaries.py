@@ -8,7 +8,8 @@ mention MoE or RoE; what it flags is code that names a method:
 - a string constant that is a variant's name ("dense", "moe", "stgc", "roe"): `variant == "moe"`,
   `getattr(model, "roe", None)`.
 Allowed: the variant modules (moebench/variants/), the implementations they call (moebench/moe/,
-moebench/roe/) and ViMoE (moebench/vision/); in config.py the recipe dataclasses that hold the sections
+moebench/roe/), ViMoE (moebench/vision/) and the converters of other projects' checkpoints, MoE
+layouts included (moebench/interop/); in config.py the recipe dataclasses that hold the sections
 and stage flags, ViMoE's `validate_vit` and the layer-spec helper `moe_layer_indices`. The model code,
 parameter counting, generation and the distributed set-up reach a variant's modules through
 moebench.models.extensions; the CLI registers each variant's benchmarks from `Variant.commands`.
@@ -23,7 +24,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "moebench"
 METHOD = re.compile(r"moe|roe|stgc|upcycl", re.IGNORECASE)
 VARIANT_NAMES = {"dense", "moe", "stgc", "roe"}
-IMPLEMENTATIONS = {"variants", "moe", "roe", "vision"}
+IMPLEMENTATIONS = {"variants", "moe", "roe", "vision", "interop"}  # interop: other projects' MoE layouts
 # config.py: definitions that may keep naming a method (the dataclasses may stay in config.py)
 CONFIG_ALLOWED = {"StageConfig", "VisionStageConfig", "MoEConfig", "STGCConfig", "RoEConfig", "ViTConfig", "Recipe",
                   "VisionRecipe", "validate_vit", "moe_layer_indices", "load_recipe"}

@@ -81,12 +81,31 @@ def _linear(d_vision: int, d_llm: int):
 
 
 def _from_pretrained(cls, name: str, key: str, **kw):
+    """`cls.from_pretrained(name)`; a checkpoint whose tensors do not cover the model (missing keys or
+    shapes that differ: weights that would stay randomly initialised) is a one-line UserError."""
+    from transformers.utils import logging as hf_logging
+
     local = Path(name).exists()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its load report is replaced by the check below
+    hf_logging.disable_progress_bar()
     try:
-        return cls.from_pretrained(name, local_files_only=local, **kw)
+        model, info = cls.from_pretrained(name, local_files_only=local, output_loading_info=True, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"{key}={name!r} could not be loaded: {str(e).splitlines()[0]} "
                         "(give a local checkpoint directory made by save_pretrained)") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing, mismatched = list(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        total = len(model.state_dict())
+        first = (f"no tensor for {sorted(missing)[0]} ({len(missing)} of {total} missing)" if missing
+                 else f"{mismatched[0][0]} has another shape")
+        raise UserError(f"{key}={name!r} does not hold a {type(model).__name__}'s weights: {first}; point at a "
+                        "checkpoint of that model alone (for a llava-hf checkpoint's parts, `moebench convert` it)")
+    return model
 
 
 def build_llm(c: LLMConfig, tokenizer):

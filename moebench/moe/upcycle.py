@@ -29,11 +29,14 @@ def _plain_ffn(mlp: nn.Module) -> tuple[str, str] | None:
     return next((names for names in PLAIN_FFNS if hasattr(mlp, names[0])), None)
 
 
-def experts_from(mlp: nn.Module, num_experts: int, act: str, impl: str, empty: bool = False) -> nn.Module:
-    """Stacked experts, each a copy of `mlp` (or uninitialised shapes only, when `empty`)."""
+def experts_from(mlp: nn.Module, num_experts: int, act: str, impl: str, empty: bool = False,
+                 width: int | None = None) -> nn.Module:
+    """Stacked experts, each a copy of `mlp` (or uninitialised shapes only, when `empty`, `width` wide
+    when given: a converted checkpoint's experts)."""
     cfg = ExpertsConfig(impl)
     if hasattr(mlp, "gate_proj"):  # SwiGLU
         f, d = mlp.gate_proj.weight.shape
+        f = width or f
         ex = GatedExperts(cfg, num_experts, d, f, act)
         if not empty:
             with torch.no_grad():
@@ -64,10 +67,17 @@ def _dtype(m: nn.Module):
     return next(m.parameters()).dtype
 
 
-def shared_from(mlp: nn.Module) -> nn.Module:
+def shared_from(mlp: nn.Module, width: int | None = None) -> nn.Module:
+    """A copy of `mlp` whose output projection starts at zero (the upcycled model equals its parent);
+    `width`: a SwiGLU of that width instead (the shape of a converted checkpoint's shared expert)."""
     import copy
 
     shared = copy.deepcopy(mlp)
+    if width and hasattr(shared, "gate_proj"):
+        d = shared.gate_proj.weight.shape[1]
+        kw = dict(bias=False, device=shared.gate_proj.weight.device, dtype=shared.gate_proj.weight.dtype)
+        shared.gate_proj, shared.up_proj = nn.Linear(d, width, **kw), nn.Linear(d, width, **kw)
+        shared.down_proj = nn.Linear(width, d, **kw)
     out = shared.down_proj if hasattr(shared, "down_proj") else getattr(shared, _plain_ffn(shared)[1])
     with torch.no_grad():
         out.weight.zero_()
@@ -95,8 +105,11 @@ def upcycle(llm: nn.Module, cfg: MoEConfig, *, implementation: str | None = None
         mlp = layers[i].mlp
         if isinstance(mlp, MoEBlock):
             raise UserError(f"layer {i} is already an MoE layer; upcycle a dense model")
-        experts = experts_from(mlp, cfg.num_experts, act, impl, empty=empty)
-        shared = None if cfg.shared_expert == "none" else shared_from(mlp)
+        if not empty and (cfg.expert_size or cfg.shared_expert_size):
+            raise UserError("moe.expert_size / moe.shared_expert_size describe a converted checkpoint's experts; "
+                            "upcycling copies the FFN, so leave them unset")
+        experts = experts_from(mlp, cfg.num_experts, act, impl, empty=empty, width=cfg.expert_size)
+        shared = None if cfg.shared_expert == "none" else shared_from(mlp, width=cfg.shared_expert_size)
         block = MoEBlock(experts, hidden, cfg.top_k, capacity_factor=cfg.capacity_factor,
                          eval_capacity_factor=cfg.eval_capacity_factor, shared=shared,
                          shared_gate=cfg.shared_expert == "gated").to(_device(mlp))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from moebench.errors import UserError
 from moebench.registry import Registry, did_you_mean
-from moebench.variants.base import Counter, StageHooks, Variant
+from moebench.variants.base import Counter, HookCounter, StageHooks, Variant
 
 VARIANTS: Registry[Variant] = Registry("variant")
 
@@ -80,5 +80,5 @@ from moebench.variants import dense, moe, roe, stgc, vimoe  # noqa: E402
 for _v in (dense.DENSE, moe.MOE, stgc.STGC_VARIANT, roe.ROE, vimoe.VIMOE):
     register(_v)
 
-__all__ = ["VARIANTS", "Counter", "StageHooks", "Variant", "chain", "check_name", "get", "register", "stored",
-           "structure_name", "validate", "dense", "moe", "stgc", "roe", "vimoe"]
+__all__ = ["VARIANTS", "Counter", "HookCounter", "StageHooks", "Variant", "chain", "check_name", "get", "register",
+           "stored", "structure_name", "validate", "dense", "moe", "stgc", "roe", "vimoe"]

@@ -62,6 +62,21 @@ class Counter(contextlib.AbstractContextManager):
         return False
 
 
+class HookCounter(Counter):
+    """A Counter around an object that counts while entered (hooks on the model): entering and leaving
+    this one enters and leaves `inner`."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+
 class Variant:
     """One method. Class attributes describe it; methods are no-ops unless the variant changes that step."""
 

@@ -10,21 +10,15 @@ import typer
 
 from moebench.config import moe_layer_indices, to_dict
 from moebench.errors import UserError
-from moebench.variants.base import Counter, Variant
+from moebench.variants.base import Counter, HookCounter, Variant
 
 
-class LoadCounter(Counter):
+class LoadCounter(HookCounter):
     """Per MoE layer, the token-expert pairs processed (moebench.moe.upcycle.LoadCounter), over ranks."""
 
-    def __init__(self, load):
-        self.load = load
-
-    def __enter__(self):
-        self.load.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.load.__exit__(*exc)
+    @property
+    def load(self):
+        return self.inner
 
     def state(self):
         return {i: c.tolist() for i, c in self.load.counts.items()}
@@ -62,6 +56,9 @@ class MoE(Variant):
                 raise UserError(f"moe.{key}={cf} must be > 0 (or null for dropless routing)")
         if m.aux_loss_coef < 0 or m.z_loss_coef < 0:
             raise UserError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
+        if m.expert_size or m.shared_expert_size:
+            raise UserError("moe.expert_size / moe.shared_expert_size describe a converted checkpoint's experts; "
+                            "a recipe upcycles copies of its FFNs, so leave them unset")
         if isinstance(m.layers, list):
             if not m.layers:
                 raise UserError("moe.layers is an empty list; name at least one decoder layer")
@@ -70,7 +67,7 @@ class MoE(Variant):
 
     def stage_key_part(self, recipe, i: int) -> dict:
         # stages before the upcycling one are shared with the dense recipe
-        return {"moe": to_dict(recipe.moe)} if self.applied(recipe, i) else {}
+        return {"moe": _section(recipe.moe)} if self.applied(recipe, i) else {}
 
     def transform(self, model, recipe, i: int) -> str | None:
         if i != self.stage_index(recipe):
@@ -130,6 +127,16 @@ class MoE(Variant):
         layers = upcycle(model.llm, m, empty=True)
         return {"note": f"{len(layers)} MoE layers x {m.num_experts} experts, top-{m.top_k}",
                 "moe_layers": layers, "experts": m.num_experts, "top_k": m.top_k}
+
+
+def _section(m) -> dict:
+    """The `moe:` section as a stage key sees it: fields added later leave earlier keys (and cached
+    stages) as they were while unset."""
+    d = to_dict(m)
+    for k in ("expert_size", "shared_expert_size"):
+        if d.get(k) is None:
+            d.pop(k, None)
+    return d
 
 
 MOE = MoE()

@@ -13,7 +13,7 @@ import typer
 
 from moebench.config import to_dict
 from moebench.errors import UserError
-from moebench.variants.base import Counter, StageHooks, Variant
+from moebench.variants.base import Counter, HookCounter, StageHooks, Variant
 
 
 def per_example(loss_fn):
@@ -29,20 +29,12 @@ def per_example(loss_fn):
     return global_loss_fn
 
 
-class _SkipCounter(Counter):
+class _SkipCounter(HookCounter):
     """Per routable layer, the examples that skipped it (moebench.roe.model.SkipCounter), over ranks."""
 
-    def __init__(self, model):
-        from moebench.roe.model import SkipCounter
-
-        self.skips = SkipCounter(model)
-
-    def __enter__(self):
-        self.skips.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.skips.__exit__(*exc)
+    @property
+    def skips(self):
+        return self.inner
 
     def state(self):
         return {i: (layer.seen, layer.skipped) for i, layer in self.skips.layers}
@@ -141,7 +133,9 @@ class RoE(Variant):
             add_roe(model, from_dict(RoEConfig, meta["roe"], "roe"))
 
     def counter(self, model) -> Counter:
-        return _SkipCounter(model)
+        from moebench.roe.model import SkipCounter
+
+        return _SkipCounter(SkipCounter(model))
 
     def activated_params(self, model, extra: dict) -> dict | None:
         if "skip_rate" not in extra:

@@ -1,0 +1,273 @@
+"""`moebench convert PATH OUT`: a checkpoint directory of another layout as a moebench run, and the
+layout detection that `moebench eval --model PATH` uses.
+
+Layouts, told from the checkpoint's config.json and tensor names:
+    moebench run    run.json + model/                          (opened as it is)
+    llava-hf        model_type "llava" (LlavaForConditionalGeneration): a CLIP tower, the
+                    `multi_modal_projector` (gelu, with biases) and a text model: a dense qwen2, llama,
+                    stablelm or phi LM, or Qwen2-MoE, whose sparse layers become moebench MoE blocks
+                    (router `mlp.gate`, stacked experts, the sigmoid-gated shared expert when it has one),
+                    so the rows count k of E experts and record their load like any MoE run
+
+The converted run is an ordinary run directory: run.json (a recipe of variant dense or moe with no
+stages, `converted_from`), model/ (model.json, weights, tokenizer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from moebench.errors import MissingFile, UserError
+
+FAMILIES = ("qwen2", "llama", "stablelm", "phi")  # dense text models moebench builds (models/build.py)
+
+
+def read_config(path: Path) -> dict:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise MissingFile(cfg, "checkpoint config", "point at a moebench run or a transformers checkpoint directory")
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def layout(path: Path) -> str:
+    """'run' (a moebench run) or the name of a layout `convert` reads; anything else is a UserError."""
+    path = Path(path)
+    if (path / "run.json").is_file() and (path / "model").is_dir():
+        return "run"
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a moebench run (no run.json and model/) nor a checkpoint directory (no "
+                        "config.json); pass a directory made by `moebench train` or a llava-hf checkpoint")
+    cfg = read_config(path)
+    kind = cfg.get("model_type")
+    if kind == "llava" or "LlavaForConditionalGeneration" in (cfg.get("architectures") or []):
+        return "llava-hf"
+    raise UserError(f"{path}: a checkpoint of model_type {kind!r} ({', '.join(cfg.get('architectures') or [])}) "
+                    "is not a layout moebench reads; it reads moebench runs and llava-hf "
+                    "(LlavaForConditionalGeneration) directories")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's safetensors files (one file, or the shards its index names)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise MissingFile(path / "model.safetensors", "checkpoint weights",
+                          "moebench reads safetensors checkpoints (model.safetensors or an index of shards)")
+    out = {}
+    for f in files:
+        out.update(load_file(str(path / f)))
+    return out
+
+
+def _moe_section(text: dict):
+    from moebench.config import MoEConfig
+
+    n = text["num_hidden_layers"]
+    step, only = text.get("decoder_sparse_step", 1), set(text.get("mlp_only_layers") or [])
+    layers = [i for i in range(n) if i not in only and (i + 1) % step == 0]
+    if not text.get("norm_topk_prob", False) and text["num_experts_per_tok"] > 1:
+        raise UserError("this Qwen2-MoE checkpoint does not renormalise its top-k weights (norm_topk_prob: false); "
+                        "moebench's MoE layer always does, so its outputs would differ")
+    shared = text.get("shared_expert_intermediate_size", 0)
+    return MoEConfig(num_experts=text["num_experts"], top_k=text["num_experts_per_tok"], layers=layers,
+                     shared_expert="gated" if shared else "none", expert_size=text["moe_intermediate_size"],
+                     shared_expert_size=shared or None)
+
+
+def _model_config(cfg: dict, image: dict, family: str):
+    """moebench's ModelConfig for a llava-hf config (sizes as the stored transformers configs build them)."""
+    from moebench.config import LLMConfig, ModelConfig, VisionConfig
+
+    v, t = cfg["vision_config"], cfg["text_config"]
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if cfg.get("projector_hidden_act", "gelu") != "gelu" or not cfg.get("multimodal_projector_bias", True):
+        raise UserError("this Llava's projector is not LLaVA-1.5's mlp2x_gelu (gelu, with biases); moebench "
+                        "has no such projector")
+    if not isinstance(cfg.get("vision_feature_layer", -2), int):
+        raise UserError("this Llava concatenates several vision layers (vision_feature_layer is a list); "
+                        "moebench reads one")
+    vision = VisionConfig(
+        name="clip", image_size=v.get("image_size", 336), patch_size=v.get("patch_size", 14),
+        hidden_size=v.get("hidden_size", 1024), layers=v.get("num_hidden_layers", 24),
+        heads=v.get("num_attention_heads", 16), intermediate_size=v.get("intermediate_size", 4096),
+        feature_layer=cfg.get("vision_feature_layer", -2), select="patch" if strategy == "default" else "full",
+        feature_norm=False, **image)
+    llm = LLMConfig(family=family, hidden_size=t["hidden_size"], layers=t["num_hidden_layers"],
+                    heads=t["num_attention_heads"], kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+                    intermediate_size=t["intermediate_size"], max_positions=t.get("max_position_embeddings", 4096))
+    return ModelConfig(vision=vision, llm=llm)
+
+
+def _image_settings(path: Path) -> dict:
+    """image_mean / image_std / aspect from the checkpoint's preprocessor config (CLIP's when absent)."""
+    pre = Path(path) / "preprocessor_config.json"
+    if not pre.is_file():
+        return {}
+    p = json.loads(pre.read_text())
+    out = {}
+    if "image_mean" in p and "image_std" in p:
+        out["image_mean"], out["image_std"] = list(p["image_mean"]), list(p["image_std"])
+    out["aspect"] = "pad" if p.get("do_pad") else "resize"
+    return out
+
+
+# llava-hf tensor name prefixes -> moebench's: the released layout (what transformers writes, and the
+# hub's llava-hf checkpoints hold) and transformers' in-memory one
+_PREFIXES = [("language_model.model.", "llm.model."), ("language_model.lm_head.", "llm.lm_head."),
+             ("model.language_model.", "llm.model."), ("lm_head.", "llm.lm_head."),
+             ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
+             ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector.")]
+
+
+def _ours(name: str, moe_layers: set[int]) -> str:
+    """A llava-hf tensor name -> moebench's VLM name ('?name' when it has no place)."""
+    for theirs, ours in _PREFIXES:
+        if name.startswith(theirs):
+            key = ours + name[len(theirs):]
+            break
+    else:
+        return "?" + name
+    if key.startswith("projector.linear_"):
+        index, rest = key[len("projector.linear_"):].split(".", 1)
+        return f"projector.{0 if index == '1' else 2}.{rest}"
+    parts = key.split(".")
+    if key.startswith("llm.model.layers.") and int(parts[3]) in moe_layers and parts[4] == "mlp" and len(parts) > 5:
+        sub = {"gate": "router", "shared_expert_gate": "shared_gate"}.get(parts[5], parts[5])
+        parts = [*parts[:5], sub, *parts[6:]]
+    return ".".join(parts)
+
+
+def convert(path: Path, out: Path):
+    """Write the checkpoint at `path` as a moebench run at `out`; return its RunInfo."""
+    from moebench import results
+    from moebench.config import Recipe, recipe_hash, to_dict
+    from moebench.models.build import rebuild_vlm
+    from moebench.models.checkpoint import atomic_dir, save_vlm
+    from moebench.models.tokenizer import load_tokenizer
+    from moebench.moe.upcycle import upcycle
+    from moebench.runs import RUN_FILE, git_commit, open_run
+
+    path, out = Path(path), Path(out)
+    if layout(path) != "llava-hf":
+        raise UserError(f"{path} is already a moebench run; nothing to convert")
+    cfg = read_config(path)
+    text = dict(cfg["text_config"])
+    kind = text.get("model_type", "llama")
+    moe = None
+    if kind == "qwen2_moe":
+        moe, family = _moe_section(text), "qwen2"
+    elif kind in FAMILIES:
+        family = kind
+    else:
+        raise UserError(f"{path}: text model {kind!r}; moebench reads {', '.join(FAMILIES)} and qwen2_moe")
+    model_cfg = _model_config(cfg, _image_settings(path), family)
+    tokenizer = load_tokenizer(str(path))
+    llm_config = {k: v for k, v in text.items() if k not in _MOE_KEYS}
+    llm_config["model_type"] = family
+    model = rebuild_vlm(model_cfg, cfg["vision_config"], llm_config, tokenizer)
+    if model.image_token_id != cfg.get("image_token_index", cfg.get("image_token_id")):
+        raise UserError(f"{path}: the tokenizer's <image> id {model.image_token_id} is not the config's "
+                        f"image_token_index {cfg.get('image_token_index')}")
+    if moe is not None:
+        upcycle(model.llm, moe, empty=True)
+    moe_layers = set(moe.layers) if moe is not None else set()
+    state = {}
+    for name, tensor in read_tensors(path).items():
+        if moe is not None and ".shared_expert" in name and moe.shared_expert == "none":
+            continue  # Qwen2-MoE's empty shared expert (width 0) adds nothing
+        state[_ours(name, moe_layers)] = tensor
+    _load_exact(model, _stack_experts(state), path)
+    recipe = Recipe(name=out.name, variant="moe" if moe is not None else "dense", model=model_cfg, moe=moe)
+    meta = {"name": out.name, "recipe": to_dict(recipe), "recipe_hash": recipe_hash(recipe), "stages": [],
+            "data": None, "data_hash": None, "converted_from": str(path.resolve()), "layout": "llava-hf",
+            **results.software_versions(), "git_commit": git_commit()}
+    with atomic_dir(out) as tmp:
+        save_vlm(model, model_cfg, tokenizer, tmp / "model", variant_config={"moe": to_dict(moe)} if moe else {})
+        (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1))
+    return open_run(out)
+
+
+def _stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert tensors as checkpoints store them (`experts.<e>.{gate,up,down}_proj.weight`) -> the
+    stacked (E, 2f, d) `gate_up_proj` and (E, d, f) `down_proj` of moebench's (and transformers') layer."""
+    import re
+
+    per: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for k, v in state.items():
+        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", k)
+        if m:
+            per.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = v
+        else:
+            out[k] = v
+    for prefix, experts in per.items():
+        n = max(experts) + 1
+        if sorted(experts) != list(range(n)) or any(len(e) != 3 for e in experts.values()):
+            raise UserError(f"{prefix}: the experts' tensors are incomplete (experts {sorted(experts)})")
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], 0) for e in range(n)])
+        out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(n)])
+    return out
+
+
+_MOE_KEYS = {"num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+             "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "output_router_logits",
+             "router_aux_loss_coef", "qkv_bias"}
+
+
+def _load_exact(model, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load `state` into `model`; any tensor the model lacks, any it does not get, or a shape mismatch
+    is a one-line UserError naming the first ones (a tied LM head may be absent)."""
+    own = model.state_dict()
+    unknown = sorted(k for k in state if k not in own)
+    if unknown:
+        raise UserError(f"{path}: tensor {unknown[0].lstrip('?')} has no place in the model its config describes "
+                        f"({len(unknown)} such tensors)")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the config builds {tuple(own[k].shape)}")
+    loaded = {own[k].data_ptr() for k in state}
+    missing = sorted(k for k in own if k not in state and own[k].data_ptr() not in loaded)
+    if missing:
+        raise UserError(f"{path}: no tensor for {missing[0]} ({len(missing)} missing); the checkpoint is incomplete "
+                        "or of another layout")
+    model.load_state_dict(state, strict=False)
+    model.eval()
+
+
+def cached_conversion(path: Path, runs_dir: Path) -> Path:
+    """Where `moebench eval --model PATH` keeps PATH converted: runs/.converted/<name>-<hash of its config
+    and weight files' sizes and times>."""
+    path = Path(path).resolve()
+    h = hashlib.sha256(str(path).encode())
+    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return Path(runs_dir) / ".converted" / f"{path.name}-{h.hexdigest()[:8]}"
+
+
+def open_any(path: Path, runs_dir: Path, say=None):
+    """A RunInfo for `path`: a moebench run as it is, any other layout converted (once, cached)."""
+    from moebench.runs import open_run
+
+    if layout(path) == "run":
+        return open_run(path)
+    out = cached_conversion(path, runs_dir)
+    if (out / "run.json").is_file():
+        return open_run(out)
+    if say:
+        say(f"converting {path} ({layout(path)}) into a moebench run at {out}")
+    return convert(path, out)
