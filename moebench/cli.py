@@ -155,14 +155,19 @@ def export_cmd(
 
 @app.command("convert")
 def convert_cmd(
-    path: Path = typer.Argument(..., help="A checkpoint directory (llava-hf: LlavaForConditionalGeneration, dense "
-                                          "or with a Qwen2-MoE text model)."),
+    path: Path = typer.Argument(..., help="A checkpoint directory: llava-hf (LlavaForConditionalGeneration, dense or "
+                                          "with a Qwen2-MoE text model), original LLaVA-1.5 (llava_llama) or "
+                                          "MoE-LLaVA (moe_llava_stablelm)."),
     out: Path = typer.Argument(..., help="Where to write the moebench run."),
+    vision_tower: Optional[Path] = typer.Option(None, "--vision-tower", help="The CLIP checkpoint directory an "
+                                                "original LLaVA-1.5 / MoE-LLaVA release names (mm_vision_tower) "
+                                                "when that name is not a local directory."),
 ):
-    """Write a checkpoint of another layout as a moebench run that `moebench eval --model OUT` evaluates."""
+    """Write a checkpoint of another layout (llava-hf, original LLaVA-1.5, MoE-LLaVA) as a moebench run that
+    `moebench eval --model OUT` evaluates."""
     from moebench.interop.convert import convert
 
-    r = convert(path, out)
+    r = convert(path, out, vision_tower)
     err.print(f"[green]converted[/] {path} -> {r.dir} (variant {r.recipe.variant})")
 
 

@@ -158,6 +158,11 @@ class MoEConfig:
     # checkpoints trained with experts of their own width (Qwen2-MoE); upcycling copies the FFN (None)
     expert_size: int | None = None
     shared_expert_size: int | None = None
+    # capacity at least this many token-expert pairs per expert (DeepSpeed's min_capacity)
+    min_capacity: int = 0
+    # when capacity drops a choice: false = the other choices keep their weights (moebench); true = the
+    # weights are renormalised over the choices kept (DeepSpeed's top-2 gating, so MoE-LLaVA's releases)
+    renormalize_kept: bool = False
 
 
 @dataclass

@@ -138,3 +138,146 @@ def test_checkpoints_that_do_not_match_fail_with_one_line(runs, tmp_path, capsys
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     code, _, err = run_cli(["eval", "--model", tmp_path / "other", "--tasks", "gqa"], capsys)
     assert code == 2 and "model_type 'bert'" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- MoE-LLaVA releases
+class DeepSpeedTop2(torch.nn.Module):
+    """The reference: an MoE layer as MoE-LLaVA runs it at evaluation, written from DeepSpeed's
+    `top2gating` (drop_tokens, eval_capacity_factor, min_capacity; the second expert without its Gumbel
+    sampling) and MoE-LLaVA's experts (the LM's SwiGLU MLP, copied)."""
+
+    def __init__(self, wg: torch.Tensor, experts: list[dict], capacity_factor: float, min_capacity: int):
+        super().__init__()
+        self.wg, self.experts, self.cf, self.min_capacity = wg, experts, capacity_factor, min_capacity
+
+    def forward(self, x):
+        import math
+
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (S, d): DeepSpeed routes every token of the batch together
+        logits = x.float() @ self.wg.float().t()
+        gates = logits.softmax(1)
+        s, e = gates.shape
+        idx1 = gates.argmax(1)
+        mask1 = torch.nn.functional.one_hot(idx1, e)
+        idx2 = logits.masked_fill(mask1.bool(), float("-inf")).argmax(1)
+        mask2 = torch.nn.functional.one_hot(idx2, e)
+        loc1 = mask1.cumsum(0) - 1
+        loc2 = mask2.cumsum(0) - 1 + mask1.sum(0, keepdim=True)
+        capacity = max(math.ceil(s / e * self.cf * 2), self.min_capacity)
+        mask1, mask2 = mask1 * (loc1 < capacity), mask2 * (loc2 < capacity)
+        g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+        denom = (g1 + g2).clamp(min=torch.finfo(g1.dtype).eps)
+        g1, g2 = g1 / denom, g2 / denom
+        out = torch.zeros_like(x)
+        for t in range(s):
+            for g, idx in ((g1[t], idx1[t]), (g2[t], idx2[t])):
+                if g > 0:
+                    w = self.experts[int(idx)]
+                    h = torch.nn.functional.silu(x[t] @ w["gate_proj"].t()) * (x[t] @ w["up_proj"].t())
+                    out[t] += g * (h @ w["down_proj"].t())
+        return out.view(shape)
+
+
+def _moe_llava_release(tmp_path, eval_capacity_factor=0.5):
+    """A tiny MoE-LLaVA-StableLM release: config.json as MoE-LLaVA writes it (StableLM-epoch fields, mm_*
+    keys, the `moe` block), DeepSpeed expert and gate tensors, no vision tower weights (the config names
+    a CLIP directory), a tokenizer with <image>. Returns (dir, reference parts)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel, StableLmConfig, StableLmForCausalLM
+
+    from moebench.models.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    clip_dir, ckpt = tmp_path / "clip", tmp_path / "MoE-LLaVA-StableLM-tiny-4e"
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    clip.save_pretrained(clip_dir)
+    tok = train_tokenizer(["Is there a red circle in the image? yes no", "USER: ASSISTANT:"], 300)
+    tok.save_pretrained(ckpt)
+    text = StableLmConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, partial_rotary_factor=0.25,
+                          use_qkv_bias=True, max_position_embeddings=256, layer_norm_eps=1e-5,
+                          tie_word_embeddings=False)
+    lm = StableLmForCausalLM(text).eval()
+    state = {k: v for k, v in lm.state_dict().items() if ".mlp." not in k}
+    experts, gates = {}, {}
+    for i in range(2):
+        experts[i] = [{p: torch.randn(64, 32) * 0.2 if p != "down_proj" else torch.randn(32, 64) * 0.2
+                       for p in ("gate_proj", "up_proj", "down_proj")} for _ in range(4)]
+        gates[i] = torch.randn(4, 32)
+        state[f"model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight"] = gates[i]
+        for e, w in enumerate(experts[i]):
+            for p, t in w.items():
+                state[f"model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{p}.weight"] = t
+    proj = {"0.weight": torch.randn(32, 32) * 0.2, "0.bias": torch.randn(32) * 0.1,
+            "2.weight": torch.randn(32, 32) * 0.2, "2.bias": torch.randn(32) * 0.1}
+    state.update({f"model.mm_projector.image_spatial_proj.{k}": v for k, v in proj.items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    config = {"model_type": "moe_llava_stablelm", "architectures": ["MoELLaVAStablelmForCausalLM"],
+              "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "hidden_act": "silu", "rope_pct": 0.25,
+              "rope_theta": 10000, "max_position_embeddings": 256, "norm_eps": 1e-5, "use_qkv_bias": True,
+              "tie_word_embeddings": False, "mm_image_tower": str(clip_dir), "mm_hidden_size": 32,
+              "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+              "image_aspect_ratio": "pad",
+              "moe": {"moe_enable": True, "moe_mode": "sparse", "num_experts": [4, 4], "moe_layers_idx": [0, 1],
+                      "top_k_experts": 2, "capacity_factor": 1.5, "eval_capacity_factor": eval_capacity_factor,
+                      "min_capacity": 0, "use_residual": False, "router_aux_loss_coef": 0.01, "ep_size": 1}}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    for i in range(2):
+        lm.model.layers[i].mlp = DeepSpeedTop2(gates[i], experts[i], eval_capacity_factor, 0)
+    return ckpt, {"clip": clip, "lm": lm, "proj": proj}
+
+
+@torch.no_grad()
+def _reference_logits(ref, ids, image_token_id, pixels):
+    """MoE-LLaVA's forward: CLIP layer -2 without its class token, the mm_projector, the features in place
+    of the image tokens, the StableLM decoder with DeepSpeed MoE layers."""
+    feats = ref["clip"](pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    p = ref["proj"]
+    feats = torch.nn.functional.gelu(feats @ p["0.weight"].t() + p["0.bias"]) @ p["2.weight"].t() + p["2.bias"]
+    embeds = ref["lm"].get_input_embeddings()(ids)
+    embeds[ids == image_token_id] = feats.reshape(-1, feats.shape[-1])
+    return ref["lm"](inputs_embeds=embeds).logits
+
+
+def test_moe_llava_release_matches_deepspeed_gating_and_evaluates(tmp_path, capsys):
+    """Converted, a MoE-LLaVA release computes MoE-LLaVA's logits within 1e-5 with capacity dropping
+    tokens (eval_capacity_factor 0.5): DeepSpeed renormalises over the experts kept, and so does the
+    converted model (moe.renormalize_kept); moebench's own rule would differ. `moebench eval --model` on
+    the release directory writes MoE rows (2 of 4 experts active)."""
+    from moebench import results
+    from moebench.data.sources import resolve
+    from moebench.interop.convert import convert
+    from moebench.models.params import count_params
+    from moebench.moe.upcycle import moe_blocks
+
+    ckpt, ref = _moe_llava_release(tmp_path)
+    run = convert(ckpt, tmp_path / "converted")
+    assert run.recipe.variant == "moe" and run.recipe.moe.renormalize_kept and run.meta["layout"] == "moe-llava"
+    model, tokenizer = run.load_model("cpu")
+    ids, mask, pixels = _inputs(model, tokenizer, run.recipe)
+    with torch.no_grad():
+        ours = model(ids, mask, pixels).logits
+    want = _reference_logits(ref, ids, model.image_token_id, pixels)
+    dropped = [b.last.kept.logical_not().sum().item() for _, b in moe_blocks(model)]
+    assert sum(dropped) > 0  # capacity dropped some choices, so the rule matters
+    assert (ours - want).abs().max() < 1e-5
+    for _, b in moe_blocks(model):
+        b.renormalize_kept = False
+    with torch.no_grad():
+        assert (model(ids, mask, pixels).logits - want).abs().max() > 1e-3
+    p = count_params(model)
+    assert p["activated"] < p["total"]
+
+    world = resolve("shapes", run.recipe.data.world.__class__(image_size=32, grid=4, n_train=200, n_val=900),
+                    progress=False).root
+    args = ["eval", "--model", ckpt, "--tasks", "gqa", "--limit", "4", "--data", world, "--batch-size", "1",
+            "--runs", tmp_path / "runs", "--results", tmp_path / "res", "--no-progress"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    rows = results.read_rows([tmp_path / "res"], "metrics")
+    assert rows and all(r["variant"] == "moe" for r in rows)
+    assert sorted(json.loads(rows[0]["extra"])["expert_load"]) == ["0", "1"]
+    assert rows[0]["params_activated"] == p["activated"]

@@ -48,9 +48,15 @@ def layout(path: Path) -> str:
     kind = cfg.get("model_type")
     if kind == "llava" or "LlavaForConditionalGeneration" in (cfg.get("architectures") or []):
         return "llava-hf"
+    if kind in ORIGINAL:
+        return "moe-llava" if kind.startswith("moe_") else "llava-original"
     raise UserError(f"{path}: a checkpoint of model_type {kind!r} ({', '.join(cfg.get('architectures') or [])}) "
-                    "is not a layout moebench reads; it reads moebench runs and llava-hf "
-                    "(LlavaForConditionalGeneration) directories")
+                    "is not a layout moebench reads; it reads moebench runs, llava-hf (LlavaForConditionalGeneration), "
+                    f"original LLaVA-1.5 and MoE-LLaVA ({', '.join(sorted(ORIGINAL))}) directories")
+
+
+# original LLaVA-1.5 and MoE-LLaVA releases: model_type -> the transformers family of their LM
+ORIGINAL = {"llava_llama": "llama", "llava_stablelm": "stablelm", "moe_llava_stablelm": "stablelm"}
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -150,19 +156,38 @@ def _ours(name: str, moe_layers: set[int]) -> str:
     return ".".join(parts)
 
 
-def convert(path: Path, out: Path):
-    """Write the checkpoint at `path` as a moebench run at `out`; return its RunInfo."""
+def convert(path: Path, out: Path, vision_tower: Path | None = None):
+    """Write the checkpoint at `path` as a moebench run at `out`; return its RunInfo. `vision_tower`: a
+    CLIP vision checkpoint directory, for original LLaVA-1.5 / MoE-LLaVA releases, which name their tower
+    (`mm_vision_tower`) rather than hold its config."""
     from moebench import results
     from moebench.config import Recipe, recipe_hash, to_dict
-    from moebench.models.build import rebuild_vlm
     from moebench.models.checkpoint import atomic_dir, save_vlm
-    from moebench.models.tokenizer import load_tokenizer
-    from moebench.moe.upcycle import upcycle
     from moebench.runs import RUN_FILE, git_commit, open_run
 
     path, out = Path(path), Path(out)
-    if layout(path) != "llava-hf":
+    kind = layout(path)
+    if kind == "run":
         raise UserError(f"{path} is already a moebench run; nothing to convert")
+    if kind == "llava-hf":
+        model, model_cfg, tokenizer, moe = _from_llava_hf(path)
+    else:
+        model, model_cfg, tokenizer, moe = _from_original(path, vision_tower)
+    recipe = Recipe(name=out.name, variant="moe" if moe is not None else "dense", model=model_cfg, moe=moe)
+    meta = {"name": out.name, "recipe": to_dict(recipe), "recipe_hash": recipe_hash(recipe), "stages": [],
+            "data": None, "data_hash": None, "converted_from": str(path.resolve()), "layout": kind,
+            **results.software_versions(), "git_commit": git_commit()}
+    with atomic_dir(out) as tmp:
+        save_vlm(model, model_cfg, tokenizer, tmp / "model", variant_config={"moe": to_dict(moe)} if moe else {})
+        (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1))
+    return open_run(out)
+
+
+def _from_llava_hf(path: Path):
+    from moebench.models.build import rebuild_vlm
+    from moebench.models.tokenizer import load_tokenizer
+    from moebench.moe.upcycle import upcycle
+
     cfg = read_config(path)
     text = dict(cfg["text_config"])
     kind = text.get("model_type", "llama")
@@ -190,14 +215,122 @@ def convert(path: Path, out: Path):
             continue  # Qwen2-MoE's empty shared expert (width 0) adds nothing
         state[_ours(name, moe_layers)] = tensor
     _load_exact(model, _stack_experts(state), path)
-    recipe = Recipe(name=out.name, variant="moe" if moe is not None else "dense", model=model_cfg, moe=moe)
-    meta = {"name": out.name, "recipe": to_dict(recipe), "recipe_hash": recipe_hash(recipe), "stages": [],
-            "data": None, "data_hash": None, "converted_from": str(path.resolve()), "layout": "llava-hf",
-            **results.software_versions(), "git_commit": git_commit()}
-    with atomic_dir(out) as tmp:
-        save_vlm(model, model_cfg, tokenizer, tmp / "model", variant_config={"moe": to_dict(moe)} if moe else {})
-        (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1))
-    return open_run(out)
+    return model, model_cfg, tokenizer, moe
+
+
+def _text_config(cfg: dict, family: str) -> dict:
+    """The transformers config fields of an original release's LM (its config.json minus the LLaVA keys;
+    StableLM-epoch's names mapped to transformers' StableLm)."""
+    text = {k: v for k, v in cfg.items()
+            if not k.startswith(("mm_", "image_", "video_", "tune_", "freeze_")) and k not in (
+                "moe", "architectures", "model_type", "use_mm_proj", "transformers_version", "auto_map",
+                "tokenizer_padding_side", "tokenizer_model_max_length")}
+    if family == "stablelm":
+        text["partial_rotary_factor"] = text.pop("rope_pct", 0.25)
+        text["layer_norm_eps"] = text.pop("norm_eps", 1e-5)
+        text.setdefault("use_qkv_bias", True)
+    if "rope_theta" in text:
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
+    text["model_type"] = family
+    return text
+
+
+def _deepspeed_moe(cfg: dict, path: Path):
+    """MoE-LLaVA's `moe` block as moebench's MoE section: DeepSpeed's top-2 gating with its evaluation
+    capacity, min_capacity and the renormalisation over the experts kept (`renormalize_kept`)."""
+    from moebench.config import MoEConfig
+
+    m = cfg["moe"]
+    counts = m.get("num_experts")
+    counts = counts if isinstance(counts, list) else [counts] * len(m["moe_layers_idx"])
+    if len(set(counts)) != 1:
+        raise UserError(f"{path}: its MoE layers have different numbers of experts ({sorted(set(counts))}); "
+                        "moebench's MoE section has one")
+    if m.get("use_residual"):
+        raise UserError(f"{path}: use_residual (PR-MoE's residual expert) is not one moebench computes")
+    return MoEConfig(num_experts=counts[0], top_k=m.get("top_k_experts", 2), layers=list(m["moe_layers_idx"]),
+                     capacity_factor=m.get("capacity_factor", 1.0), eval_capacity_factor=m.get("eval_capacity_factor", 1.0),
+                     min_capacity=m.get("min_capacity", 0), renormalize_kept=True,
+                     aux_loss_coef=m.get("router_aux_loss_coef", 0.01))
+
+
+def _vision_dir(cfg: dict, vision_tower: Path | None, path: Path) -> Path:
+    named = cfg.get("mm_vision_tower") or cfg.get("mm_image_tower")
+    for candidate in (vision_tower, named):
+        if candidate and (Path(candidate) / "config.json").is_file():
+            return Path(candidate)
+    raise UserError(f"{path} names its vision tower {named!r}, which is not a local directory; convert it with "
+                    "`moebench convert PATH OUT --vision-tower DIR` (DIR: a local copy of that CLIP checkpoint)")
+
+
+def _original_key(name: str) -> str:
+    """An original LLaVA-1.5 / MoE-LLaVA tensor name -> moebench's ('?name' when it has no place)."""
+    for theirs, ours in (("model.mm_projector.image_spatial_proj.", "projector."), ("model.mm_projector.", "projector."),
+                         ("model.vision_tower.vision_tower.", "vision_tower."),
+                         ("model.image_tower.image_tower.", "vision_tower.")):
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    name = name.replace(".mlp.deepspeed_moe.gate.wg.", ".mlp.router.")
+    name = name.replace(".mlp.deepspeed_moe.experts.deepspeed_experts.", ".mlp.experts.")
+    if name.startswith("model."):
+        return "llm." + name
+    if name.startswith("lm_head."):
+        return "llm." + name
+    return "?" + name
+
+
+def _from_original(path: Path, vision_tower: Path | None):
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+    from moebench.config import LLMConfig, ModelConfig, VisionConfig
+    from moebench.models.build import PROJECTORS, _from_pretrained
+    from moebench.models.tokenizer import image_token_id, load_tokenizer
+    from moebench.models.vlm import VLM
+    from moebench.moe.upcycle import upcycle
+
+    cfg = read_config(path)
+    family = ORIGINAL[cfg["model_type"]]
+    if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise UserError(f"{path}: mm_projector_type={cfg.get('mm_projector_type')!r}; moebench has LLaVA-1.5's "
+                        "mlp2x_gelu")
+    moe = _deepspeed_moe(cfg, path) if (cfg.get("moe") or {}).get("moe_enable") else None
+    tensors = {_original_key(k): v for k, v in read_tensors(path).items()}
+    vdir = _vision_dir(cfg, vision_tower, path)
+    vcfg = CLIPVisionConfig.from_pretrained(vdir)
+    if any(k.startswith("vision_tower.") for k in tensors):
+        vision = CLIPVisionModel(vcfg)
+    else:  # the release holds no tower weights: LLaVA loads the named CLIP checkpoint
+        vision = _from_pretrained(CLIPVisionModel, str(vdir), "--vision-tower")
+    text = _text_config(cfg, family)
+    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**text))
+    tokenizer = load_tokenizer(str(path))
+    projector = PROJECTORS.get("mlp2x_gelu")(vcfg.hidden_size, llm.config.hidden_size)
+    select = {"patch": "patch", "cls_patch": "full"}.get(cfg.get("mm_vision_select_feature", "patch"))
+    if select is None:
+        raise UserError(f"{path}: mm_vision_select_feature={cfg.get('mm_vision_select_feature')!r}; moebench reads "
+                        "patch or cls_patch")
+    layer = cfg.get("mm_vision_select_layer", -2)
+    image = _image_settings(vdir)
+    image["aspect"] = "pad" if cfg.get("image_aspect_ratio", "pad") == "pad" else "resize"
+    model_cfg = ModelConfig(
+        vision=VisionConfig(name="clip", image_size=vcfg.image_size, patch_size=vcfg.patch_size,
+                            hidden_size=vcfg.hidden_size, layers=vcfg.num_hidden_layers,
+                            heads=vcfg.num_attention_heads, intermediate_size=vcfg.intermediate_size,
+                            feature_layer=layer, select=select, feature_norm=False, **image),
+        llm=LLMConfig(family=family, hidden_size=llm.config.hidden_size, layers=llm.config.num_hidden_layers,
+                      heads=llm.config.num_attention_heads,
+                      kv_heads=getattr(llm.config, "num_key_value_heads", None) or llm.config.num_attention_heads,
+                      intermediate_size=llm.config.intermediate_size,
+                      max_positions=llm.config.max_position_embeddings))
+    if moe is not None:
+        upcycle(llm, moe, empty=True)
+    model = VLM(vision, projector, llm, image_token_id=0, feature_layer=layer, select=select)
+    has_tower = any(k.startswith("vision_tower.") for k in tensors)
+    _load_exact(model, _stack_experts(tensors), path, absent_ok=() if has_tower else ("vision_tower.",))
+    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the added <image>: replaced by features
+    model.image_token_id = image_token_id(tokenizer)
+    return model, model_cfg, tokenizer, moe
 
 
 def _stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -228,9 +361,10 @@ _MOE_KEYS = {"num_experts", "num_experts_per_tok", "moe_intermediate_size", "sha
              "router_aux_loss_coef", "qkv_bias"}
 
 
-def _load_exact(model, state: dict[str, torch.Tensor], path: Path) -> None:
+def _load_exact(model, state: dict[str, torch.Tensor], path: Path, absent_ok: tuple[str, ...] = ()) -> None:
     """Load `state` into `model`; any tensor the model lacks, any it does not get, or a shape mismatch
-    is a one-line UserError naming the first ones (a tied LM head may be absent)."""
+    is a one-line UserError naming the first ones (a tied LM head may be absent, and names starting with
+    `absent_ok`: parts loaded from elsewhere)."""
     own = model.state_dict()
     unknown = sorted(k for k in state if k not in own)
     if unknown:
@@ -240,7 +374,8 @@ def _load_exact(model, state: dict[str, torch.Tensor], path: Path) -> None:
         if own[k].shape != v.shape:
             raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the config builds {tuple(own[k].shape)}")
     loaded = {own[k].data_ptr() for k in state}
-    missing = sorted(k for k in own if k not in state and own[k].data_ptr() not in loaded)
+    missing = sorted(k for k in own if k not in state and own[k].data_ptr() not in loaded
+                     and not k.startswith(absent_ok or ("\0",)))
     if missing:
         raise UserError(f"{path}: no tensor for {missing[0]} ({len(missing)} missing); the checkpoint is incomplete "
                         "or of another layout")

@@ -148,15 +148,17 @@ def balance_loss(f: torch.Tensor, p_mean: torch.Tensor) -> torch.Tensor:
     return f.shape[-1] * (f * p_mean).sum()
 
 
-def capacity_keep(index: torch.Tensor, valid: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
-    """(N, k) bool: the pairs that fit in capacity ceil(S / E * cf * k) per expert, S = valid tokens.
+def capacity_keep(index: torch.Tensor, valid: torch.Tensor, num_experts: int, capacity_factor: float,
+                  min_capacity: int = 0) -> torch.Tensor:
+    """(N, k) bool: the pairs that fit in capacity max(ceil(S / E * cf * k), min_capacity) per expert, S =
+    valid tokens.
 
     Priority as in MoE-LLaVA's DeepSpeed gating: every token's first choice before any second choice,
     and within one choice rank, tokens in sequence order.
     """
     n, k = index.shape
     s = int(valid.sum())
-    capacity = math.ceil(s / num_experts * capacity_factor * k)
+    capacity = max(math.ceil(s / num_experts * capacity_factor * k), min_capacity)
     order = index.t().reshape(-1)  # (k*N,) choice-major
     take = valid.repeat(k)  # (k*N,)
     onehot = nn.functional.one_hot(order, num_experts) * take[:, None]  # (k*N, E)
@@ -165,16 +167,24 @@ def capacity_keep(index: torch.Tensor, valid: torch.Tensor, num_experts: int, ca
     return keep.view(k, n).t()
 
 
-def route(logits: torch.Tensor, valid: torch.Tensor, top_k: int, capacity_factor: float | None) -> Routing:
-    """Softmax, top-k, renormalise, optional capacity; balance and z losses over valid tokens."""
+def route(logits: torch.Tensor, valid: torch.Tensor, top_k: int, capacity_factor: float | None,
+          min_capacity: int = 0, renormalize_kept: bool = False) -> Routing:
+    """Softmax, top-k, renormalise, optional capacity; balance and z losses over valid tokens.
+
+    The k weights are renormalised over the k choices, and a choice capacity drops then weighs 0
+    (moebench's default); `renormalize_kept` renormalises over the choices kept instead, as DeepSpeed's
+    top-2 gating does for MoE-LLaVA (a token whose second choice is dropped gives its first weight 1)."""
     num_experts = logits.shape[-1]
     probs = logits.softmax(-1)  # (N, E)
     top_p, index = probs.topk(top_k, dim=-1)  # (N, k)
-    weight = top_p / top_p.sum(-1, keepdim=True)
     kept = valid[:, None].expand_as(index)
     if capacity_factor is not None:
-        kept = capacity_keep(index, valid, num_experts, capacity_factor)
-    weight = weight * kept
+        kept = capacity_keep(index, valid, num_experts, capacity_factor, min_capacity)
+    if renormalize_kept:
+        weight = top_p * kept
+        weight = weight / weight.sum(-1, keepdim=True).clamp(min=torch.finfo(weight.dtype).eps)
+    else:
+        weight = top_p / top_p.sum(-1, keepdim=True) * kept
     v = valid.float()
     n_valid = v.sum().clamp(min=1.0)
     first = nn.functional.one_hot(index[:, 0], num_experts).float()  # (N, E) first choices
@@ -190,8 +200,10 @@ class MoEBlock(RoutedBlock):
 
     def __init__(self, experts: nn.Module, hidden: int, top_k: int, *, capacity_factor: float | None = None,
                  eval_capacity_factor: float | None = None, shared: nn.Module | None = None,
-                 shared_gate: bool = False, routing_unit: str = "token"):
+                 shared_gate: bool = False, routing_unit: str = "token", min_capacity: int = 0,
+                 renormalize_kept: bool = False):
         super().__init__()
+        self.min_capacity, self.renormalize_kept = min_capacity, renormalize_kept  # see route()
         self.routing_unit = routing_unit  # token, or image: one assignment per image from its first (class) token
         self.num_experts = experts.num_experts
         self.top_k = top_k
@@ -225,11 +237,13 @@ class MoEBlock(RoutedBlock):
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.routing_unit == "image":  # ViMoE: route each image by its class token, all its tokens alike
             valid = torch.ones(shape[0], dtype=torch.bool, device=x.device)
-            r = route(self.router_logits(x[:, 0]), valid, self.top_k, cf)  # (B, k)
+            r = route(self.router_logits(x[:, 0]), valid, self.top_k, cf, self.min_capacity,
+                      self.renormalize_kept)  # (B, k)
             index = r.index.repeat_interleave(shape[1], dim=0)  # (N, k)
             weight = r.weight.repeat_interleave(shape[1], dim=0)
         else:
-            r = route(self.router_logits(flat), self._valid(shape, x.device), self.top_k, cf)
+            r = route(self.router_logits(flat), self._valid(shape, x.device), self.top_k, cf, self.min_capacity,
+                      self.renormalize_kept)
             index, weight = r.index, r.weight
         self.last = r
         out = self.experts(flat, index, weight.to(flat.dtype))  # (N, d)

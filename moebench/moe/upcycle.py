@@ -112,7 +112,8 @@ def upcycle(llm: nn.Module, cfg: MoEConfig, *, implementation: str | None = None
         shared = None if cfg.shared_expert == "none" else shared_from(mlp, width=cfg.shared_expert_size)
         block = MoEBlock(experts, hidden, cfg.top_k, capacity_factor=cfg.capacity_factor,
                          eval_capacity_factor=cfg.eval_capacity_factor, shared=shared,
-                         shared_gate=cfg.shared_expert == "gated").to(_device(mlp))
+                         shared_gate=cfg.shared_expert == "gated", min_capacity=cfg.min_capacity,
+                         renormalize_kept=cfg.renormalize_kept).to(_device(mlp))
         if block.shared_gate is not None:
             block.shared_gate.to(_dtype(mlp))
         layers[i].mlp = block

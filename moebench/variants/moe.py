@@ -56,6 +56,8 @@ class MoE(Variant):
                 raise UserError(f"moe.{key}={cf} must be > 0 (or null for dropless routing)")
         if m.aux_loss_coef < 0 or m.z_loss_coef < 0:
             raise UserError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
+        if m.min_capacity < 0:
+            raise UserError(f"moe.min_capacity={m.min_capacity} must be >= 0")
         if m.expert_size or m.shared_expert_size:
             raise UserError("moe.expert_size / moe.shared_expert_size describe a converted checkpoint's experts; "
                             "a recipe upcycles copies of its FFNs, so leave them unset")
@@ -133,8 +135,9 @@ def _section(m) -> dict:
     """The `moe:` section as a stage key sees it: fields added later leave earlier keys (and cached
     stages) as they were while unset."""
     d = to_dict(m)
-    for k in ("expert_size", "shared_expert_size"):
-        if d.get(k) is None:
+    for k, default in (("expert_size", None), ("shared_expert_size", None), ("min_capacity", 0),
+                       ("renormalize_kept", False)):
+        if d.get(k) == default:
             d.pop(k, None)
     return d
 
