@@ -281,3 +281,54 @@ def test_moe_llava_release_matches_deepspeed_gating_and_evaluates(tmp_path, caps
     assert rows and all(r["variant"] == "moe" for r in rows)
     assert sorted(json.loads(rows[0]["extra"])["expert_load"]) == ["0", "1"]
     assert rows[0]["params_activated"] == p["activated"]
+
+
+def test_original_llava_1_5_release_matches_transformers_llava(tmp_path):
+    """An original LLaVA-1.5 release (model_type llava_llama, `model.mm_projector.{0,2}`, the CLIP tower
+    under `model.vision_tower.vision_tower.`) converts to the logits transformers' Llava computes from
+    the same weights."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from moebench.interop.convert import convert
+    from moebench.models.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    ckpt, clip_dir = tmp_path / "llava-v1.5-tiny", tmp_path / "clip"
+    tok = train_tokenizer(["Is there a red circle in the image? yes no", "USER: ASSISTANT:"], 300)
+    tok.save_pretrained(ckpt)
+    vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=32, patch_size=8)
+    tcfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    hf = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vcfg.to_dict(), text_config=tcfg.to_dict(), image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default")).eval()
+    for p in hf.parameters():  # a trained-looking spread, so that a misplaced tensor shows
+        torch.nn.init.normal_(p, std=0.2)
+    hf.model.vision_tower.save_pretrained(clip_dir)
+    state = {}
+    for k, v in hf.state_dict().items():
+        if k.startswith("model.vision_tower."):
+            state["model.vision_tower.vision_tower." + k[len("model.vision_tower."):]] = v
+        elif k.startswith("model.multi_modal_projector.linear_"):
+            i, rest = k[len("model.multi_modal_projector.linear_"):].split(".", 1)
+            state[f"model.mm_projector.{0 if i == '1' else 2}.{rest}"] = v
+        elif k.startswith("model.language_model."):
+            state["model." + k[len("model.language_model."):]] = v
+        else:
+            state[k] = v
+    save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    config = {**{k: v for k, v in tcfg.to_dict().items() if k not in ("model_type", "architectures")},
+              "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"], "mm_vision_tower": "openai/x",
+              "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+              "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    run = convert(ckpt, tmp_path / "converted", vision_tower=clip_dir)
+    assert run.recipe.variant == "dense" and run.meta["layout"] == "llava-original"
+    assert run.recipe.model.vision.aspect == "pad" and run.recipe.model.vision.feature_layer == -2
+    model, tokenizer = run.load_model("cpu")
+    ids, mask, pixels = _inputs(model, tokenizer, run.recipe)
+    with torch.no_grad():
+        assert (model(ids, mask, pixels).logits - hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+                ).abs().max() < 1e-5
