@@ -157,7 +157,7 @@ def export_cmd(
 def convert_cmd(
     path: Path = typer.Argument(..., help="A checkpoint directory: llava-hf (LlavaForConditionalGeneration, dense or "
                                           "with a Qwen2-MoE text model), original LLaVA-1.5 (llava_llama) or "
-                                          "MoE-LLaVA (moe_llava_stablelm)."),
+                                          "MoE-LLaVA (moe_llava_stablelm, moe_llava_phi)."),
     out: Path = typer.Argument(..., help="Where to write the moebench run."),
     vision_tower: Optional[Path] = typer.Option(None, "--vision-tower", help="The CLIP checkpoint directory an "
                                                 "original LLaVA-1.5 / MoE-LLaVA release names (mm_vision_tower) "

@@ -173,52 +173,72 @@ class DeepSpeedTop2(torch.nn.Module):
         for t in range(s):
             for g, idx in ((g1[t], idx1[t]), (g2[t], idx2[t])):
                 if g > 0:
-                    w = self.experts[int(idx)]
-                    h = torch.nn.functional.silu(x[t] @ w["gate_proj"].t()) * (x[t] @ w["up_proj"].t())
-                    out[t] += g * (h @ w["down_proj"].t())
+                    out[t] += g * _expert(self.experts[int(idx)], x[t])
         return out.view(shape)
 
 
-def _moe_llava_release(tmp_path, eval_capacity_factor=0.5):
+def _expert(w: dict, x: torch.Tensor) -> torch.Tensor:
+    """One MoE-LLaVA expert, a copy of its LM's MLP: SwiGLU (StableLM) or fc1 / gelu_new / fc2 (Phi-2)."""
+    from transformers.activations import ACT2FN
+
+    if "gate_proj.weight" in w:
+        h = torch.nn.functional.silu(x @ w["gate_proj.weight"].t()) * (x @ w["up_proj.weight"].t())
+        return h @ w["down_proj.weight"].t()
+    h = ACT2FN["gelu_new"](x @ w["fc1.weight"].t() + w["fc1.bias"])
+    return h @ w["fc2.weight"].t() + w["fc2.bias"]
+
+
+def _moe_llava_release(tmp_path, family="stablelm", eval_capacity_factor=0.5):
     """A tiny MoE-LLaVA-StableLM release: config.json as MoE-LLaVA writes it (StableLM-epoch fields, mm_*
     keys, the `moe` block), DeepSpeed expert and gate tensors, no vision tower weights (the config names
     a CLIP directory), a tokenizer with <image>. Returns (dir, reference parts)."""
     from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModel, StableLmConfig, StableLmForCausalLM
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, PhiConfig, PhiForCausalLM, StableLmConfig,
+                              StableLmForCausalLM)
 
     from moebench.models.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
-    clip_dir, ckpt = tmp_path / "clip", tmp_path / "MoE-LLaVA-StableLM-tiny-4e"
+    clip_dir, ckpt = tmp_path / "clip", tmp_path / f"MoE-LLaVA-{family}-tiny-4e"
     clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=2, image_size=32, patch_size=8)).eval()
     clip.save_pretrained(clip_dir)
     tok = train_tokenizer(["Is there a red circle in the image? yes no", "USER: ASSISTANT:"], 300)
     tok.save_pretrained(ckpt)
-    text = StableLmConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=2, partial_rotary_factor=0.25,
-                          use_qkv_bias=True, max_position_embeddings=256, layer_norm_eps=1e-5,
-                          tie_word_embeddings=False)
-    lm = StableLmForCausalLM(text).eval()
+    sizes = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, partial_rotary_factor=0.25, max_position_embeddings=256, layer_norm_eps=1e-5,
+                 tie_word_embeddings=False)
+    if family == "stablelm":
+        lm = StableLmForCausalLM(StableLmConfig(**sizes, use_qkv_bias=True)).eval()
+        shapes = {"gate_proj.weight": (64, 32), "up_proj.weight": (64, 32), "down_proj.weight": (32, 64)}
+    else:
+        lm = PhiForCausalLM(PhiConfig(**sizes, hidden_act="gelu_new")).eval()
+        shapes = {"fc1.weight": (64, 32), "fc1.bias": (64,), "fc2.weight": (32, 64), "fc2.bias": (32,)}
     state = {k: v for k, v in lm.state_dict().items() if ".mlp." not in k}
     experts, gates = {}, {}
     for i in range(2):
-        experts[i] = [{p: torch.randn(64, 32) * 0.2 if p != "down_proj" else torch.randn(32, 64) * 0.2
-                       for p in ("gate_proj", "up_proj", "down_proj")} for _ in range(4)]
+        experts[i] = [{p: torch.randn(shape) * 0.2 for p, shape in shapes.items()} for _ in range(4)]
         gates[i] = torch.randn(4, 32)
         state[f"model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight"] = gates[i]
         for e, w in enumerate(experts[i]):
             for p, t in w.items():
-                state[f"model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{p}.weight"] = t
+                state[f"model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{p}"] = t
     proj = {"0.weight": torch.randn(32, 32) * 0.2, "0.bias": torch.randn(32) * 0.1,
             "2.weight": torch.randn(32, 32) * 0.2, "2.bias": torch.randn(32) * 0.1}
     state.update({f"model.mm_projector.image_spatial_proj.{k}": v for k, v in proj.items()})
     save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    config = {"model_type": "moe_llava_stablelm", "architectures": ["MoELLaVAStablelmForCausalLM"],
-              "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "num_key_value_heads": 2, "hidden_act": "silu", "rope_pct": 0.25,
-              "rope_theta": 10000, "max_position_embeddings": 256, "norm_eps": 1e-5, "use_qkv_bias": True,
-              "tie_word_embeddings": False, "mm_image_tower": str(clip_dir), "mm_hidden_size": 32,
+    if family == "stablelm":  # StableLM-epoch's config names, as MoE-LLaVA-StableLM writes them
+        lm_fields = {"model_type": "moe_llava_stablelm", "architectures": ["MoELLaVAStablelmForCausalLM"],
+                     "hidden_act": "silu", "rope_pct": 0.25, "rope_theta": 10000, "norm_eps": 1e-5,
+                     "use_qkv_bias": True}
+    else:  # transformers' Phi config names, as MoE-LLaVA-Phi writes them
+        lm_fields = {"model_type": "moe_llava_phi", "architectures": ["MoELLaVAPhiForCausalLM"],
+                     "hidden_act": "gelu_new", "partial_rotary_factor": 0.25, "rope_theta": 10000,
+                     "layer_norm_eps": 1e-5, "qk_layernorm": False}
+    config = {**lm_fields, "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "tie_word_embeddings": False, "mm_image_tower": str(clip_dir),
+              "mm_hidden_size": 32,
               "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
               "image_aspect_ratio": "pad",
               "moe": {"moe_enable": True, "moe_mode": "sparse", "num_experts": [4, 4], "moe_layers_idx": [0, 1],
@@ -242,7 +262,8 @@ def _reference_logits(ref, ids, image_token_id, pixels):
     return ref["lm"](inputs_embeds=embeds).logits
 
 
-def test_moe_llava_release_matches_deepspeed_gating_and_evaluates(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["stablelm", "phi"])
+def test_moe_llava_release_matches_deepspeed_gating_and_evaluates(tmp_path, capsys, family):
     """Converted, a MoE-LLaVA release computes MoE-LLaVA's logits within 1e-5 with capacity dropping
     tokens (eval_capacity_factor 0.5): DeepSpeed renormalises over the experts kept, and so does the
     converted model (moe.renormalize_kept); moebench's own rule would differ. `moebench eval --model` on
@@ -253,7 +274,7 @@ def test_moe_llava_release_matches_deepspeed_gating_and_evaluates(tmp_path, caps
     from moebench.models.params import count_params
     from moebench.moe.upcycle import moe_blocks
 
-    ckpt, ref = _moe_llava_release(tmp_path)
+    ckpt, ref = _moe_llava_release(tmp_path, family)
     run = convert(ckpt, tmp_path / "converted")
     assert run.recipe.variant == "moe" and run.recipe.moe.renormalize_kept and run.meta["layout"] == "moe-llava"
     model, tokenizer = run.load_model("cpu")

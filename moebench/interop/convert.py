@@ -56,7 +56,8 @@ def layout(path: Path) -> str:
 
 
 # original LLaVA-1.5 and MoE-LLaVA releases: model_type -> the transformers family of their LM
-ORIGINAL = {"llava_llama": "llama", "llava_stablelm": "stablelm", "moe_llava_stablelm": "stablelm"}
+ORIGINAL = {"llava_llama": "llama", "llava_stablelm": "stablelm", "moe_llava_stablelm": "stablelm",
+            "llava_phi": "phi", "moe_llava_phi": "phi"}
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -334,25 +335,33 @@ def _from_original(path: Path, vision_tower: Path | None):
 
 
 def _stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-expert tensors as checkpoints store them (`experts.<e>.{gate,up,down}_proj.weight`) -> the
-    stacked (E, 2f, d) `gate_up_proj` and (E, d, f) `down_proj` of moebench's (and transformers') layer."""
+    """Per-expert tensors as checkpoints store them -> the stacked tensors of moebench's (and transformers')
+    expert layers: SwiGLU `experts.<e>.{gate,up,down}_proj.weight` -> (E, 2f, d) `gate_up_proj` and
+    (E, d, f) `down_proj`; Phi's `experts.<e>.fc{1,2}.{weight,bias}` -> `up_proj`, `up_proj_bias`,
+    `down_proj`, `down_proj_bias`."""
     import re
 
     per: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     out = {}
     for k, v in state.items():
-        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", k)
+        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|fc1|fc2)\.(weight|bias)", k)
         if m:
-            per.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = v
+            per.setdefault(m[1], {}).setdefault(int(m[2]), {})[f"{m[3]}.{m[4]}"] = v
         else:
             out[k] = v
     for prefix, experts in per.items():
         n = max(experts) + 1
-        if sorted(experts) != list(range(n)) or any(len(e) != 3 for e in experts.values()):
+        parts = sorted(experts[0])
+        if sorted(experts) != list(range(n)) or any(sorted(e) != parts for e in experts.values()):
             raise UserError(f"{prefix}: the experts' tensors are incomplete (experts {sorted(experts)})")
-        out[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], 0) for e in range(n)])
-        out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(n)])
+        if "gate_proj.weight" in parts:
+            out[f"{prefix}.gate_up_proj"] = torch.stack(
+                [torch.cat([experts[e]["gate_proj.weight"], experts[e]["up_proj.weight"]], 0) for e in range(n)])
+            out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj.weight"] for e in range(n)])
+        else:
+            for theirs, ours in (("fc1.weight", "up_proj"), ("fc1.bias", "up_proj_bias"), ("fc2.weight", "down_proj"),
+                                 ("fc2.bias", "down_proj_bias")):
+                out[f"{prefix}.{ours}"] = torch.stack([experts[e][theirs] for e in range(n)])
     return out
 
 
