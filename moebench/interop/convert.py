@@ -7,7 +7,13 @@ Layouts, told from the checkpoint's config.json and tensor names:
                     `multi_modal_projector` (gelu, with biases) and a text model: a dense qwen2, llama,
                     stablelm or phi LM, or Qwen2-MoE, whose sparse layers become moebench MoE blocks
                     (router `mlp.gate`, stacked experts, the sigmoid-gated shared expert when it has one),
-                    so the rows count k of E experts and record their load like any MoE run
+                    or Mixtral (every layer sparse, attention as Llama's), so the rows count k of E
+                    experts and record their load like any MoE run
+    llava-original  LLaVA-1.5 releases (`llava_llama`: `model.mm_projector.{0,2}`, the CLIP tower under
+                    `model.vision_tower.vision_tower.` or only named by `mm_vision_tower`)
+    moe-llava       MoE-LLaVA releases (`moe_llava_stablelm`, `moe_llava_phi`): the config's `moe` block,
+                    DeepSpeed's `deepspeed_moe.gate.wg` router and `deepspeed_experts.<e>` experts, with
+                    DeepSpeed's evaluation capacity, min_capacity and renormalisation over the kept experts
 
 The converted run is an ordinary run directory: run.json (a recipe of variant dense or moe with no
 stages, `converted_from`), model/ (model.json, weights, tokenizer).
@@ -94,6 +100,16 @@ def _moe_section(text: dict):
                      shared_expert_size=shared or None)
 
 
+def _mixtral_section(text: dict, path: Path):
+    """Mixtral: every layer sparse, top-k of num_local_experts renormalised, attention as Llama's."""
+    from moebench.config import MoEConfig
+
+    if text.get("sliding_window"):
+        raise UserError(f"{path}: sliding_window={text['sliding_window']}; moebench's llama attention is full")
+    return MoEConfig(num_experts=text["num_local_experts"], top_k=text["num_experts_per_tok"],
+                     layers=list(range(text["num_hidden_layers"])))
+
+
 def _model_config(cfg: dict, image: dict, family: str):
     """moebench's ModelConfig for a llava-hf config (sizes as the stored transformers configs build them)."""
     from moebench.config import LLMConfig, ModelConfig, VisionConfig
@@ -150,10 +166,13 @@ def _ours(name: str, moe_layers: set[int]) -> str:
     if key.startswith("projector.linear_"):
         index, rest = key[len("projector.linear_"):].split(".", 1)
         return f"projector.{0 if index == '1' else 2}.{rest}"
-    parts = key.split(".")
+    parts = key.replace(".block_sparse_moe.", ".mlp.").split(".")  # Mixtral's name for its MoE block
     if key.startswith("llm.model.layers.") and int(parts[3]) in moe_layers and parts[4] == "mlp" and len(parts) > 5:
         sub = {"gate": "router", "shared_expert_gate": "shared_gate"}.get(parts[5], parts[5])
-        parts = [*parts[:5], sub, *parts[6:]]
+        rest = parts[6:]
+        if sub == "experts" and len(rest) == 3:  # Mixtral's experts.<e>.w1 / w3 / w2: gate, up, down
+            rest = [rest[0], {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(rest[1], rest[1]), rest[2]]
+        parts = [*parts[:5], sub, *rest]
     return ".".join(parts)
 
 
@@ -195,10 +214,13 @@ def _from_llava_hf(path: Path):
     moe = None
     if kind == "qwen2_moe":
         moe, family = _moe_section(text), "qwen2"
+    elif kind == "mixtral":
+        moe, family = _mixtral_section(text, path), "llama"
     elif kind in FAMILIES:
         family = kind
     else:
-        raise UserError(f"{path}: text model {kind!r}; moebench reads {', '.join(FAMILIES)} and qwen2_moe")
+        raise UserError(f"{path}: text model {kind!r}; moebench reads {', '.join(FAMILIES)}, qwen2_moe and mixtral "
+                        "(Qwen3-MoE and OLMoE normalise queries and keys, which no moebench family does)")
     model_cfg = _model_config(cfg, _image_settings(path), family)
     tokenizer = load_tokenizer(str(path))
     llm_config = {k: v for k, v in text.items() if k not in _MOE_KEYS}
@@ -367,7 +389,7 @@ def _stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 _MOE_KEYS = {"num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
              "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "output_router_logits",
-             "router_aux_loss_coef", "qkv_bias"}
+             "router_aux_loss_coef", "qkv_bias", "num_local_experts", "router_jitter_noise", "sliding_window"}
 
 
 def _load_exact(model, state: dict[str, torch.Tensor], path: Path, absent_ok: tuple[str, ...] = ()) -> None:
