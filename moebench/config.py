@@ -53,7 +53,9 @@ class VisionConfig:
 class LLMConfig:
     """The causal LM. `pretrained` (local dir or hub id) wins over the size fields."""
 
-    family: Literal["qwen2", "llama", "stablelm", "phi"] = "qwen2"
+    # qwen3_moe and olmoe: LMs read from checkpoints (`moebench convert`), whose sparse layers become MoE
+    # blocks; a recipe builds its MoE layers from a dense family with `moe:`
+    family: Literal["qwen2", "llama", "stablelm", "phi", "qwen3_moe", "olmoe"] = "qwen2"
     pretrained: str | None = None
     arch: str | None = None  # architecture preset of the pretrained LLM, for `moebench plan` (see plan.py)
     hidden_size: int = 128
@@ -163,6 +165,9 @@ class MoEConfig:
     # when capacity drops a choice: false = the other choices keep their weights (moebench); true = the
     # weights are renormalised over the choices kept (DeepSpeed's top-2 gating, so MoE-LLaVA's releases)
     renormalize_kept: bool = False
+    # the k routing weights renormalised to sum to 1 (MoE-LLaVA, Mixtral, Qwen-MoE); false: the softmax
+    # probabilities of the k experts as they are (OLMoE)
+    top_k_normalized: bool = True
 
 
 @dataclass
@@ -628,6 +633,9 @@ def _validate_lm(recipe: Recipe) -> None:
     if v.pretrained is None and v.image_size % v.patch_size:
         raise UserError(f"model.vision.image_size={v.image_size} must be a multiple of patch_size={v.patch_size}")
     llm = recipe.model.llm
+    if llm.family in ("qwen3_moe", "olmoe") and llm.pretrained is None:
+        raise UserError(f"model.llm.family={llm.family} is read from a checkpoint (moebench convert), not built from "
+                        "sizes; build a dense family (qwen2, llama, stablelm, phi) and add experts with `moe:`")
     if llm.pretrained is None:
         if llm.hidden_size % llm.heads:
             raise UserError(f"model.llm.hidden_size={llm.hidden_size} must be divisible by heads={llm.heads}")

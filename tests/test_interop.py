@@ -355,10 +355,13 @@ def test_original_llava_1_5_release_matches_transformers_llava(tmp_path):
                 ).abs().max() < 1e-5
 
 
-def test_llava_hf_with_a_mixtral_text_model_matches_transformers(tmp_path):
-    """A llava-hf checkpoint whose LM is Mixtral (every layer sparse, 2 of 4 experts) converts to MoE blocks
-    on a llama LM with transformers' logits, and counts 2 of 4 experts as active."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MixtralConfig
+@pytest.mark.parametrize("text_model", ["mixtral", "qwen3_moe", "olmoe"])
+def test_llava_hf_with_a_native_moe_text_model_matches_transformers(tmp_path, text_model):
+    """A llava-hf checkpoint whose LM is a transformers MoE LM (Mixtral: every layer sparse; Qwen3-MoE with
+    a dense layer and normalised top-k; OLMoE: top-k not normalised) converts to moebench MoE blocks with
+    transformers' logits, and counts 2 of 4 experts as active."""
+    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MixtralConfig,
+                              OlmoeConfig, Qwen3MoeConfig)
 
     from moebench.interop.convert import convert
     from moebench.models.params import count_params
@@ -368,9 +371,12 @@ def test_llava_hf_with_a_mixtral_text_model_matches_transformers(tmp_path):
     tok = train_tokenizer(["Is there a red circle in the image? yes no", "USER: ASSISTANT:"], 300)
     v = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          image_size=32, patch_size=8)
-    t = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
-                      max_position_embeddings=256)
+    sizes = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, num_experts_per_tok=2, max_position_embeddings=256)
+    t = {"mixtral": lambda: MixtralConfig(**sizes, intermediate_size=48, num_local_experts=4),
+         "qwen3_moe": lambda: Qwen3MoeConfig(**sizes, intermediate_size=64, moe_intermediate_size=24, num_experts=4,
+                                             mlp_only_layers=[0], norm_topk_prob=True),
+         "olmoe": lambda: OlmoeConfig(**sizes, intermediate_size=40, num_experts=4, norm_topk_prob=False)}[text_model]()
     hf = LlavaForConditionalGeneration(LlavaConfig(vision_config=v.to_dict(), text_config=t.to_dict(),
                                                    image_token_index=tok.convert_tokens_to_ids("<image>"))).eval()
     for p in hf.parameters():
@@ -378,13 +384,15 @@ def test_llava_hf_with_a_mixtral_text_model_matches_transformers(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
     run = convert(tmp_path / "hf", tmp_path / "run")
-    assert run.recipe.variant == "moe" and run.recipe.moe.layers == [0, 1] and run.recipe.model.llm.family == "llama"
+    sparse = [1] if text_model == "qwen3_moe" else [0, 1]
+    assert run.recipe.variant == "moe" and run.recipe.moe.layers == sparse
+    assert run.recipe.model.llm.family == ("llama" if text_model == "mixtral" else text_model)
     model, tokenizer = run.load_model("cpu")
     ids, mask, pixels = _inputs(model, tokenizer, run.recipe)
     with torch.no_grad():
         assert (model(ids, mask, pixels).logits - hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
                 ).abs().max() < 1e-5
     p = count_params(model)
-    experts = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel()
-                  for b in (layer.mlp for layer in model.llm.model.layers))
+    experts = sum(model.llm.model.layers[i].mlp.experts.gate_up_proj.numel()
+                  + model.llm.model.layers[i].mlp.experts.down_proj.numel() for i in sparse)
     assert p["total"] - p["activated"] == experts // 2  # 2 of 4 experts per token

@@ -7,8 +7,9 @@ Layouts, told from the checkpoint's config.json and tensor names:
                     `multi_modal_projector` (gelu, with biases) and a text model: a dense qwen2, llama,
                     stablelm or phi LM, or Qwen2-MoE, whose sparse layers become moebench MoE blocks
                     (router `mlp.gate`, stacked experts, the sigmoid-gated shared expert when it has one),
-                    or Mixtral (every layer sparse, attention as Llama's), so the rows count k of E
-                    experts and record their load like any MoE run
+                    or Mixtral (every layer sparse, attention as Llama's), or Qwen3-MoE / OLMoE (the LM as
+                    transformers builds it, its sparse layers swapped for MoE blocks), so the rows count
+                    k of E experts and record their load like any MoE run
     llava-original  LLaVA-1.5 releases (`llava_llama`: `model.mm_projector.{0,2}`, the CLIP tower under
                     `model.vision_tower.vision_tower.` or only named by `mm_vision_tower`)
     moe-llava       MoE-LLaVA releases (`moe_llava_stablelm`, `moe_llava_phi`): the config's `moe` block,
@@ -30,6 +31,7 @@ import torch
 from moebench.errors import MissingFile, UserError
 
 FAMILIES = ("qwen2", "llama", "stablelm", "phi")  # dense text models moebench builds (models/build.py)
+NATIVE_MOE = ("qwen3_moe", "olmoe")  # MoE text models kept as transformers builds them, sparse layers swapped
 
 
 def read_config(path: Path) -> dict:
@@ -91,13 +93,30 @@ def _moe_section(text: dict):
     n = text["num_hidden_layers"]
     step, only = text.get("decoder_sparse_step", 1), set(text.get("mlp_only_layers") or [])
     layers = [i for i in range(n) if i not in only and (i + 1) % step == 0]
-    if not text.get("norm_topk_prob", False) and text["num_experts_per_tok"] > 1:
-        raise UserError("this Qwen2-MoE checkpoint does not renormalise its top-k weights (norm_topk_prob: false); "
-                        "moebench's MoE layer always does, so its outputs would differ")
     shared = text.get("shared_expert_intermediate_size", 0)
-    return MoEConfig(num_experts=text["num_experts"], top_k=text["num_experts_per_tok"], layers=layers,
-                     shared_expert="gated" if shared else "none", expert_size=text["moe_intermediate_size"],
-                     shared_expert_size=shared or None)
+    return MoEConfig(num_experts=_num_experts(text), top_k=text["num_experts_per_tok"], layers=layers,
+                     shared_expert="gated" if shared else "none", expert_size=text.get("moe_intermediate_size"),
+                     shared_expert_size=shared or None, top_k_normalized=bool(text.get("norm_topk_prob", False)))
+
+
+def _num_experts(text: dict) -> int:
+    """The routed experts per layer, under either of the names transformers' configs use."""
+    return text.get("num_experts") or text["num_local_experts"]
+
+
+def _native_section(text: dict, kind: str):
+    """Qwen3-MoE / OLMoE: the LM stays as transformers builds it (its attention normalises queries and
+    keys); its sparse layers become MoE blocks with the same router (softmax, top-k, normalised or not)."""
+    from moebench.config import MoEConfig
+
+    n = text["num_hidden_layers"]
+    if kind == "qwen3_moe":
+        step, only = text.get("decoder_sparse_step", 1), set(text.get("mlp_only_layers") or [])
+        layers, width = [i for i in range(n) if i not in only and (i + 1) % step == 0], text["moe_intermediate_size"]
+    else:
+        layers, width = list(range(n)), text["intermediate_size"]
+    return MoEConfig(num_experts=_num_experts(text), top_k=text["num_experts_per_tok"], layers=layers,
+                     expert_size=width, top_k_normalized=bool(text.get("norm_topk_prob", False)))
 
 
 def _mixtral_section(text: dict, path: Path):
@@ -106,7 +125,7 @@ def _mixtral_section(text: dict, path: Path):
 
     if text.get("sliding_window"):
         raise UserError(f"{path}: sliding_window={text['sliding_window']}; moebench's llama attention is full")
-    return MoEConfig(num_experts=text["num_local_experts"], top_k=text["num_experts_per_tok"],
+    return MoEConfig(num_experts=_num_experts(text), top_k=text["num_experts_per_tok"],
                      layers=list(range(text["num_hidden_layers"])))
 
 
@@ -208,22 +227,31 @@ def _from_llava_hf(path: Path):
     from moebench.models.tokenizer import load_tokenizer
     from moebench.moe.upcycle import upcycle
 
+    from transformers import AutoConfig
+
     cfg = read_config(path)
-    text = dict(cfg["text_config"])
+    # a saved config leaves out the values that are its class's defaults: fill them in
+    raw_text = dict(cfg.get("text_config") or {})
+    text = AutoConfig.for_model(**{"model_type": "llama", **raw_text}).to_dict()
+    cfg["vision_config"] = AutoConfig.for_model(**{"model_type": "clip_vision_model",
+                                                   **(cfg.get("vision_config") or {})}).to_dict()
+    cfg["text_config"] = text
     kind = text.get("model_type", "llama")
     moe = None
     if kind == "qwen2_moe":
         moe, family = _moe_section(text), "qwen2"
     elif kind == "mixtral":
         moe, family = _mixtral_section(text, path), "llama"
+    elif kind in NATIVE_MOE:
+        moe, family = _native_section(text, kind), kind
     elif kind in FAMILIES:
         family = kind
     else:
-        raise UserError(f"{path}: text model {kind!r}; moebench reads {', '.join(FAMILIES)}, qwen2_moe and mixtral "
-                        "(Qwen3-MoE and OLMoE normalise queries and keys, which no moebench family does)")
+        raise UserError(f"{path}: text model {kind!r}; moebench reads {', '.join(FAMILIES)}, qwen2_moe, mixtral, "
+                        f"{' and '.join(NATIVE_MOE)}")
     model_cfg = _model_config(cfg, _image_settings(path), family)
     tokenizer = load_tokenizer(str(path))
-    llm_config = {k: v for k, v in text.items() if k not in _MOE_KEYS}
+    llm_config = text if family in NATIVE_MOE else {k: v for k, v in text.items() if k not in _MOE_KEYS}
     llm_config["model_type"] = family
     model = rebuild_vlm(model_cfg, cfg["vision_config"], llm_config, tokenizer)
     if model.image_token_id != cfg.get("image_token_index", cfg.get("image_token_id")):

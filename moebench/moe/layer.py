@@ -168,12 +168,13 @@ def capacity_keep(index: torch.Tensor, valid: torch.Tensor, num_experts: int, ca
 
 
 def route(logits: torch.Tensor, valid: torch.Tensor, top_k: int, capacity_factor: float | None,
-          min_capacity: int = 0, renormalize_kept: bool = False) -> Routing:
+          min_capacity: int = 0, renormalize_kept: bool = False, normalized: bool = True) -> Routing:
     """Softmax, top-k, renormalise, optional capacity; balance and z losses over valid tokens.
 
     The k weights are renormalised over the k choices, and a choice capacity drops then weighs 0
     (moebench's default); `renormalize_kept` renormalises over the choices kept instead, as DeepSpeed's
-    top-2 gating does for MoE-LLaVA (a token whose second choice is dropped gives its first weight 1)."""
+    top-2 gating does for MoE-LLaVA (a token whose second choice is dropped gives its first weight 1).
+    `normalized=False` keeps the top-k softmax probabilities as they are (OLMoE: norm_topk_prob false)."""
     num_experts = logits.shape[-1]
     probs = logits.softmax(-1)  # (N, E)
     top_p, index = probs.topk(top_k, dim=-1)  # (N, k)
@@ -183,8 +184,10 @@ def route(logits: torch.Tensor, valid: torch.Tensor, top_k: int, capacity_factor
     if renormalize_kept:
         weight = top_p * kept
         weight = weight / weight.sum(-1, keepdim=True).clamp(min=torch.finfo(weight.dtype).eps)
-    else:
+    elif normalized:
         weight = top_p / top_p.sum(-1, keepdim=True) * kept
+    else:
+        weight = top_p * kept
     v = valid.float()
     n_valid = v.sum().clamp(min=1.0)
     first = nn.functional.one_hot(index[:, 0], num_experts).float()  # (N, E) first choices
@@ -201,9 +204,10 @@ class MoEBlock(RoutedBlock):
     def __init__(self, experts: nn.Module, hidden: int, top_k: int, *, capacity_factor: float | None = None,
                  eval_capacity_factor: float | None = None, shared: nn.Module | None = None,
                  shared_gate: bool = False, routing_unit: str = "token", min_capacity: int = 0,
-                 renormalize_kept: bool = False):
+                 renormalize_kept: bool = False, top_k_normalized: bool = True):
         super().__init__()
         self.min_capacity, self.renormalize_kept = min_capacity, renormalize_kept  # see route()
+        self.top_k_normalized = top_k_normalized
         self.routing_unit = routing_unit  # token, or image: one assignment per image from its first (class) token
         self.num_experts = experts.num_experts
         self.top_k = top_k
@@ -238,12 +242,12 @@ class MoEBlock(RoutedBlock):
         if self.routing_unit == "image":  # ViMoE: route each image by its class token, all its tokens alike
             valid = torch.ones(shape[0], dtype=torch.bool, device=x.device)
             r = route(self.router_logits(x[:, 0]), valid, self.top_k, cf, self.min_capacity,
-                      self.renormalize_kept)  # (B, k)
+                      self.renormalize_kept, self.top_k_normalized)  # (B, k)
             index = r.index.repeat_interleave(shape[1], dim=0)  # (N, k)
             weight = r.weight.repeat_interleave(shape[1], dim=0)
         else:
             r = route(self.router_logits(flat), self._valid(shape, x.device), self.top_k, cf, self.min_capacity,
-                      self.renormalize_kept)
+                      self.renormalize_kept, self.top_k_normalized)
             index, weight = r.index, r.weight
         self.last = r
         out = self.experts(flat, index, weight.to(flat.dtype))  # (N, d)

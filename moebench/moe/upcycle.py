@@ -34,6 +34,11 @@ def experts_from(mlp: nn.Module, num_experts: int, act: str, impl: str, empty: b
     """Stacked experts, each a copy of `mlp` (or uninitialised shapes only, when `empty`, `width` wide
     when given: a converted checkpoint's experts)."""
     cfg = ExpertsConfig(impl)
+    native = getattr(mlp, "experts", None)
+    if empty and native is not None and hasattr(native, "gate_up_proj"):  # a checkpoint's own sparse block
+        d = native.gate_up_proj.shape[-1]
+        return GatedExperts(cfg, num_experts, d, width or native.gate_up_proj.shape[1] // 2, act).to(
+            device=native.gate_up_proj.device, dtype=native.gate_up_proj.dtype)
     if hasattr(mlp, "gate_proj"):  # SwiGLU
         f, d = mlp.gate_proj.weight.shape
         f = width or f
@@ -113,7 +118,8 @@ def upcycle(llm: nn.Module, cfg: MoEConfig, *, implementation: str | None = None
         block = MoEBlock(experts, hidden, cfg.top_k, capacity_factor=cfg.capacity_factor,
                          eval_capacity_factor=cfg.eval_capacity_factor, shared=shared,
                          shared_gate=cfg.shared_expert == "gated", min_capacity=cfg.min_capacity,
-                         renormalize_kept=cfg.renormalize_kept).to(_device(mlp))
+                         renormalize_kept=cfg.renormalize_kept, top_k_normalized=cfg.top_k_normalized
+                         ).to(_device(mlp))
         if block.shared_gate is not None:
             block.shared_gate.to(_dtype(mlp))
         layers[i].mlp = block

@@ -136,7 +136,7 @@ def _section(m) -> dict:
     stages) as they were while unset."""
     d = to_dict(m)
     for k, default in (("expert_size", None), ("shared_expert_size", None), ("min_capacity", 0),
-                       ("renormalize_kept", False)):
+                       ("renormalize_kept", False), ("top_k_normalized", True)):
         if d.get(k) == default:
             d.pop(k, None)
     return d
