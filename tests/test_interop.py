@@ -184,8 +184,50 @@ def _expert(w: dict, x: torch.Tensor) -> torch.Tensor:
     if "gate_proj.weight" in w:
         h = torch.nn.functional.silu(x @ w["gate_proj.weight"].t()) * (x @ w["up_proj.weight"].t())
         return h @ w["down_proj.weight"].t()
+    if "w1.weight" in w:  # Qwen (v1): c_proj(w1(x) * silu(w2(x)))
+        return ((x @ w["w1.weight"].t()) * torch.nn.functional.silu(x @ w["w2.weight"].t())) @ w["c_proj.weight"].t()
     h = ACT2FN["gelu_new"](x @ w["fc1.weight"].t() + w["fc1.bias"])
     return h @ w["fc2.weight"].t() + w["fc2.bias"]
+
+
+class QwenV1Reference(torch.nn.Module):
+    """Qwen (v1) as MoE-LLaVA-Qwen's modeling_qwen.py computes it for prompts shorter than its seq_length
+    (no dynamic NTK, no logn scaling): RMSNorm, fused c_attn with bias, rotary on the whole head
+    (rotate-half), causal softmax attention, c_proj without bias; MoE layers in place of the MLP."""
+
+    def __init__(self, w: dict, layers: int, heads: int, eps: float, base: float, mlps: list):
+        super().__init__()
+        self.w, self.layers, self.heads, self.eps, self.base, self.mlps = w, layers, heads, eps, base, mlps
+
+    def norm(self, x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+
+    def get_input_embeddings(self):
+        return lambda ids: self.w["transformer.wte.weight"][ids]
+
+    def forward(self, inputs_embeds):
+        h = inputs_embeds
+        b, t, d = h.shape
+        hd = d // self.heads
+        inv = 1.0 / (self.base ** (torch.arange(0, hd, 2).float() / hd))
+        freqs = torch.outer(torch.arange(t).float(), inv)
+        cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+
+        def rope(x):  # (b, heads, t, hd)
+            x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+            return x * cos + torch.cat([-x2, x1], -1) * sin
+
+        for i in range(self.layers):
+            p = f"transformer.h.{i}."
+            x = self.norm(h, self.w[p + "ln_1.weight"])
+            qkv = x @ self.w[p + "attn.c_attn.weight"].t() + self.w[p + "attn.c_attn.bias"]
+            q, k, v = (z.view(b, t, self.heads, hd).transpose(1, 2) for z in qkv.chunk(3, -1))
+            scores = rope(q) @ rope(k).transpose(-1, -2) / hd ** 0.5
+            scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+            a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d)
+            h = h + a @ self.w[p + "attn.c_proj.weight"].t()
+            h = h + self.mlps[i](self.norm(h, self.w[p + "ln_2.weight"]))
+        return type("Out", (), {"logits": self.norm(h, self.w["transformer.ln_f.weight"]) @ self.w["lm_head.weight"].t()})
 
 
 def _moe_llava_release(tmp_path, family="stablelm", eval_capacity_factor=0.5):
@@ -211,31 +253,49 @@ def _moe_llava_release(tmp_path, family="stablelm", eval_capacity_factor=0.5):
     if family == "stablelm":
         lm = StableLmForCausalLM(StableLmConfig(**sizes, use_qkv_bias=True)).eval()
         shapes = {"gate_proj.weight": (64, 32), "up_proj.weight": (64, 32), "down_proj.weight": (32, 64)}
+    elif family == "qwen":
+        lm = None
+        shapes = {"w1.weight": (64, 32), "w2.weight": (64, 32), "c_proj.weight": (32, 64)}
     else:
         lm = PhiForCausalLM(PhiConfig(**sizes, hidden_act="gelu_new")).eval()
         shapes = {"fc1.weight": (64, 32), "fc1.bias": (64,), "fc2.weight": (32, 64), "fc2.bias": (32,)}
-    state = {k: v for k, v in lm.state_dict().items() if ".mlp." not in k}
+    if lm is not None:
+        state, prefix = {k: v for k, v in lm.state_dict().items() if ".mlp." not in k}, "model.layers"
+    else:  # Qwen (v1) names: transformer.wte / h.N.{ln_1, attn.c_attn, attn.c_proj, ln_2} / ln_f
+        prefix, r = "transformer.h", lambda *shape: torch.randn(*shape) * 0.2
+        state = {"transformer.wte.weight": r(len(tok), 32), "transformer.ln_f.weight": 1 + r(32),
+                 "lm_head.weight": r(len(tok), 32)}
+        for i in range(2):
+            state.update({f"transformer.h.{i}.ln_1.weight": 1 + r(32), f"transformer.h.{i}.ln_2.weight": 1 + r(32),
+                          f"transformer.h.{i}.attn.c_attn.weight": r(96, 32), f"transformer.h.{i}.attn.c_attn.bias": r(96),
+                          f"transformer.h.{i}.attn.c_proj.weight": r(32, 32)})
     experts, gates = {}, {}
     for i in range(2):
         experts[i] = [{p: torch.randn(shape) * 0.2 for p, shape in shapes.items()} for _ in range(4)]
         gates[i] = torch.randn(4, 32)
-        state[f"model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight"] = gates[i]
+        state[f"{prefix}.{i}.mlp.deepspeed_moe.gate.wg.weight"] = gates[i]
         for e, w in enumerate(experts[i]):
             for p, t in w.items():
-                state[f"model.layers.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{p}"] = t
+                state[f"{prefix}.{i}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{p}"] = t
     proj = {"0.weight": torch.randn(32, 32) * 0.2, "0.bias": torch.randn(32) * 0.1,
             "2.weight": torch.randn(32, 32) * 0.2, "2.bias": torch.randn(32) * 0.1}
-    state.update({f"model.mm_projector.image_spatial_proj.{k}": v for k, v in proj.items()})
+    owner = "transformer" if family == "qwen" else "model"
+    state.update({f"{owner}.mm_projector.image_spatial_proj.{k}": v for k, v in proj.items()})
     save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     if family == "stablelm":  # StableLM-epoch's config names, as MoE-LLaVA-StableLM writes them
         lm_fields = {"model_type": "moe_llava_stablelm", "architectures": ["MoELLaVAStablelmForCausalLM"],
                      "hidden_act": "silu", "rope_pct": 0.25, "rope_theta": 10000, "norm_eps": 1e-5,
                      "use_qkv_bias": True}
+    elif family == "qwen":  # Qwen (v1) config names, as MoE-LLaVA-Qwen writes them
+        lm_fields = {"model_type": "moe_llava_qwen", "architectures": ["MoELLaVAQWenForCausalLM"],
+                     "intermediate_size": 128, "kv_channels": 16, "layer_norm_epsilon": 1e-6, "rotary_pct": 1.0,
+                     "rotary_emb_base": 10000, "no_bias": True, "seq_length": 8192, "use_dynamic_ntk": True,
+                     "use_logn_attn": True}
     else:  # transformers' Phi config names, as MoE-LLaVA-Phi writes them
         lm_fields = {"model_type": "moe_llava_phi", "architectures": ["MoELLaVAPhiForCausalLM"],
                      "hidden_act": "gelu_new", "partial_rotary_factor": 0.25, "rope_theta": 10000,
                      "layer_norm_eps": 1e-5, "qk_layernorm": False}
-    config = {**lm_fields, "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+    config = {"intermediate_size": 64, **lm_fields, "vocab_size": len(tok), "hidden_size": 32,
               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
               "max_position_embeddings": 256, "tie_word_embeddings": False, "mm_image_tower": str(clip_dir),
               "mm_hidden_size": 32,
@@ -245,8 +305,12 @@ def _moe_llava_release(tmp_path, family="stablelm", eval_capacity_factor=0.5):
                       "top_k_experts": 2, "capacity_factor": 1.5, "eval_capacity_factor": eval_capacity_factor,
                       "min_capacity": 0, "use_residual": False, "router_aux_loss_coef": 0.01, "ep_size": 1}}
     (ckpt / "config.json").write_text(json.dumps(config))
-    for i in range(2):
-        lm.model.layers[i].mlp = DeepSpeedTop2(gates[i], experts[i], eval_capacity_factor, 0)
+    mlps = [DeepSpeedTop2(gates[i], experts[i], eval_capacity_factor, 0) for i in range(2)]
+    if lm is None:
+        lm = QwenV1Reference(state, 2, 2, 1e-6, 10000.0, mlps)
+    else:
+        for i in range(2):
+            lm.model.layers[i].mlp = mlps[i]
     return ckpt, {"clip": clip, "lm": lm, "proj": proj}
 
 
@@ -262,7 +326,7 @@ def _reference_logits(ref, ids, image_token_id, pixels):
     return ref["lm"](inputs_embeds=embeds).logits
 
 
-@pytest.mark.parametrize("family", ["stablelm", "phi"])
+@pytest.mark.parametrize("family", ["stablelm", "phi", "qwen"])
 def test_moe_llava_release_matches_deepspeed_gating_and_evaluates(tmp_path, capsys, family):
     """Converted, a MoE-LLaVA release computes MoE-LLaVA's logits within 1e-5 with capacity dropping
     tokens (eval_capacity_factor 0.5): DeepSpeed renormalises over the experts kept, and so does the

@@ -12,7 +12,8 @@ Layouts, told from the checkpoint's config.json and tensor names:
                     k of E experts and record their load like any MoE run
     llava-original  LLaVA-1.5 releases (`llava_llama`: `model.mm_projector.{0,2}`, the CLIP tower under
                     `model.vision_tower.vision_tower.` or only named by `mm_vision_tower`)
-    moe-llava       MoE-LLaVA releases (`moe_llava_stablelm`, `moe_llava_phi`): the config's `moe` block,
+    moe-llava       MoE-LLaVA releases (`moe_llava_stablelm`, `moe_llava_phi`, `moe_llava_qwen`: Qwen v1 in
+                    transformers' Qwen2 layout, c_attn split): the config's `moe` block,
                     DeepSpeed's `deepspeed_moe.gate.wg` router and `deepspeed_experts.<e>` experts, with
                     DeepSpeed's evaluation capacity, min_capacity and renormalisation over the kept experts
 
@@ -65,7 +66,7 @@ def layout(path: Path) -> str:
 
 # original LLaVA-1.5 and MoE-LLaVA releases: model_type -> the transformers family of their LM
 ORIGINAL = {"llava_llama": "llama", "llava_stablelm": "stablelm", "moe_llava_stablelm": "stablelm",
-            "llava_phi": "phi", "moe_llava_phi": "phi"}
+            "llava_phi": "phi", "moe_llava_phi": "phi", "llava_qwen": "qwen", "moe_llava_qwen": "qwen"}
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -276,6 +277,18 @@ def _text_config(cfg: dict, family: str) -> dict:
             if not k.startswith(("mm_", "image_", "video_", "tune_", "freeze_")) and k not in (
                 "moe", "architectures", "model_type", "use_mm_proj", "transformers_version", "auto_map",
                 "tokenizer_padding_side", "tokenizer_model_max_length")}
+    if family == "qwen":  # Qwen-1.8B (v1) in transformers' Qwen2 layout: SwiGLU of intermediate_size / 2
+        heads = cfg["num_attention_heads"]
+        if cfg.get("kv_channels", cfg["hidden_size"] // heads) * heads != cfg["hidden_size"] or cfg.get("rotary_pct", 1.0) != 1.0:
+            raise UserError("this Qwen (v1) config has kv_channels x heads != hidden_size or rotary_pct != 1, "
+                            "which transformers' Qwen2 attention cannot express")
+        return {"model_type": "qwen2", "vocab_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"],
+                "intermediate_size": cfg["intermediate_size"] // 2, "num_hidden_layers": cfg["num_hidden_layers"],
+                "num_attention_heads": heads, "num_key_value_heads": heads, "hidden_act": "silu",
+                "rms_norm_eps": cfg.get("layer_norm_epsilon", 1e-6),
+                "max_position_embeddings": cfg.get("max_position_embeddings", 8192),
+                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.get("rotary_emb_base", 10000)},
+                "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
     if family == "stablelm":
         text["partial_rotary_factor"] = text.pop("rope_pct", 0.25)
         text["layer_norm_eps"] = text.pop("norm_eps", 1e-5)
@@ -314,6 +327,35 @@ def _vision_dir(cfg: dict, vision_tower: Path | None, path: Path) -> Path:
                     "`moebench convert PATH OUT --vision-tower DIR` (DIR: a local copy of that CLIP checkpoint)")
 
 
+_QWEN_V1 = [(".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+            (".attn.c_proj.", ".self_attn.o_proj."), (".mlp.w1.", ".mlp.up_proj."), (".mlp.w2.", ".mlp.gate_proj."),
+            (".mlp.c_proj.", ".mlp.down_proj."), (".w1.", ".up_proj."), (".w2.", ".gate_proj."),
+            (".c_proj.", ".down_proj.")]  # the last three: inside deepspeed_experts.<e>
+
+
+def _qwen_v1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen (v1) tensor names -> the LLaVA layout of transformers' Qwen2 (`model.layers.N...`): the fused
+    c_attn split into q, k and v; c = a1 * silu(a2) with a1 = w1 (up) and a2 = w2 (gate)."""
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith("transformer.h.") and ".attn.c_attn." in k:
+            base, kind = k.replace("transformer.h.", "model.layers.").split(".attn.c_attn.")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, 0)):
+                out[f"{base}.self_attn.{name}.{kind}"] = part.contiguous()
+            continue
+        k = k.replace("transformer.wte.", "model.embed_tokens.").replace("transformer.ln_f.", "model.norm.")
+        if k.startswith("transformer.h."):
+            k = "model.layers." + k[len("transformer.h."):]
+            for theirs, ours in _QWEN_V1:
+                if theirs in k:
+                    k = k.replace(theirs, ours)
+                    break
+        elif k.startswith("transformer."):
+            k = "model." + k[len("transformer."):]
+        out[k] = v
+    return out
+
+
 def _original_key(name: str) -> str:
     """An original LLaVA-1.5 / MoE-LLaVA tensor name -> moebench's ('?name' when it has no place)."""
     for theirs, ours in (("model.mm_projector.image_spatial_proj.", "projector."), ("model.mm_projector.", "projector."),
@@ -345,14 +387,17 @@ def _from_original(path: Path, vision_tower: Path | None):
         raise UserError(f"{path}: mm_projector_type={cfg.get('mm_projector_type')!r}; moebench has LLaVA-1.5's "
                         "mlp2x_gelu")
     moe = _deepspeed_moe(cfg, path) if (cfg.get("moe") or {}).get("moe_enable") else None
-    tensors = {_original_key(k): v for k, v in read_tensors(path).items()}
+    text = _text_config(cfg, family)
+    raw = read_tensors(path)
+    if family == "qwen":
+        raw, family = _qwen_v1(raw), "qwen2"
+    tensors = {_original_key(k): v for k, v in raw.items()}
     vdir = _vision_dir(cfg, vision_tower, path)
     vcfg = CLIPVisionConfig.from_pretrained(vdir)
     if any(k.startswith("vision_tower.") for k in tensors):
         vision = CLIPVisionModel(vcfg)
     else:  # the release holds no tower weights: LLaVA loads the named CLIP checkpoint
         vision = _from_pretrained(CLIPVisionModel, str(vdir), "--vision-tower")
-    text = _text_config(cfg, family)
     llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**text))
     tokenizer = load_tokenizer(str(path))
     projector = PROJECTORS.get("mlp2x_gelu")(vcfg.hidden_size, llm.config.hidden_size)
