@@ -105,7 +105,8 @@ def _train_one(rec, *, runs: Path, results: Path, resume: bool, eval_: bool, pro
 def eval_cmd(
     tasks: str = typer.Option("pope,gqa", "--tasks", help="Comma-separated task names (see `moebench ls`)."),
     model: Optional[Path] = typer.Option(None, "--model", help="A run directory, or a checkpoint directory of another "
-                                         "layout (llava-hf; converted once, under RUNS/.converted/); default: the "
+                                         "layout (llava-hf, LLaVA-1.5, MoE-LLaVA: converted once, under "
+                                         "RUNS/.converted/; Qwen3-VL(-MoE): evaluated as it is); default: the "
                                          "most recent run."),
     data: Optional[str] = typer.Option(None, "--data", help="'shapes' or a data root (default: the run's own data, or $MOEBENCH_DATA)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generation batch."),
@@ -122,12 +123,18 @@ def eval_cmd(
     from moebench.eval.runner import evaluate_run
     from moebench.runs import latest_run
 
-    from moebench.interop.convert import open_any
+    from moebench.interop.convert import layout, open_any
 
-    run = open_any(model, runs, say=err.print) if model else latest_run(runs)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise UserError("--tasks is empty; name at least one task, e.g. --tasks pope,gqa")
+    if model and layout(model) == "native-vlm":  # evaluated as it is: its own classes, processor, template
+        from moebench.interop.native import evaluate_native
+
+        _print_headlines(evaluate_native(model, names, data=data, batch_size=batch_size, limit=limit,
+                                         results_dir=results, progress=progress, log_samples=log_samples))
+        return
+    run = open_any(model, runs, say=err.print) if model else latest_run(runs)
     if (nproc or 1) > 1:
         _torchrun(nproc, ["eval", "--tasks", ",".join(names), "--model", str(run.dir), *(["--data", data] if data else []),
                           "--batch-size", str(batch_size), *(["--limit", str(limit)] if limit else []),

@@ -460,3 +460,82 @@ def test_llava_hf_with_a_native_moe_text_model_matches_transformers(tmp_path, te
     experts = sum(model.llm.model.layers[i].mlp.experts.gate_up_proj.numel()
                   + model.llm.model.layers[i].mlp.experts.down_proj.numel() for i in sparse)
     assert p["total"] - p["activated"] == experts // 2  # 2 of 4 experts per token
+
+
+def _tiny_qwen3_vl_moe(out):
+    """A tiny Qwen3-VL-MoE checkpoint with its processor (image processor, tokenizer with the vision
+    tokens, a chat template), as `save_pretrained` writes a real one."""
+    from transformers import (Qwen2VLImageProcessor, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration,
+                              Qwen3VLProcessor)
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from moebench.models.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(["Is there a red circle in the image? yes no", "user assistant"], 300)
+    vision = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens({"additional_special_tokens": vision})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == "
+                "'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    images = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
+                                   max_pixels=64 * 64, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Qwen3VLProcessor(image_processor=images, tokenizer=tok, chat_template=template,
+                                 video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in vision}
+    config = Qwen3VLMoeConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
+                         num_experts_per_tok=2, max_position_embeddings=512,
+                         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen3VLMoeForConditionalGeneration(config).eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return model
+
+
+def test_eval_takes_a_native_qwen3_vl_moe_checkpoint_as_it_is(tmp_path, capsys):
+    """`moebench eval --model` on a Qwen3-VL-MoE directory runs transformers' own model with its processor
+    and chat template and writes the rows a moebench run gets: MoE, 2 of 4 experts active, expert load per
+    sparse layer, TTFT / TPOT; its answers are the model's own greedy generations."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from moebench import results
+    from moebench.data.sources import resolve
+    from moebench.config import WorldConfig
+    from moebench.eval.tasks import load_samples, load_task
+
+    model = _tiny_qwen3_vl_moe(tmp_path / "Qwen3-VL-tiny-A1B")
+    root = resolve("shapes", WorldConfig(image_size=32, grid=4, n_train=200, n_val=900), progress=False).root
+    args = ["eval", "--model", tmp_path / "Qwen3-VL-tiny-A1B", "--tasks", "gqa", "--limit", "4", "--batch-size", "2",
+            "--data", root, "--results", tmp_path / "res", "--no-progress"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "exact_match"]
+    experts = sum(layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel()
+                  for layer in model.model.language_model.layers)
+    assert row["variant"] == "moe" and row["params_total"] - row["params_activated"] == experts // 2
+    assert row["params_total"] == sum(p.numel() for p in model.parameters())
+    load = json.loads(row["extra"])["expert_load"]
+    assert sorted(load) == ["0", "1"] and all(abs(sum(v) - 1) < 1e-9 for v in load.values())
+    assert row["ttft_ms"] > 0 and row["tpot_ms"] > 0 and row["n"] == 4
+    # the samples table holds the model's own greedy answers
+    processor = AutoProcessor.from_pretrained(tmp_path / "Qwen3-VL-tiny-A1B")
+    processor.tokenizer.padding_side = "left"
+    s = load_samples(load_task("gqa"), root, 1)[0]
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                           "text": s.question + load_task("gqa").prompt_suffix}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[Image.open(s.image).convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    samples = {r["question_id"]: r for r in results.read_rows([tmp_path / "res"], "samples")}
+    assert samples[s.question_id]["prediction"] == processor.tokenizer.decode(want, skip_special_tokens=True).strip()
+    code, _, err = run_cli(["convert", tmp_path / "Qwen3-VL-tiny-A1B", tmp_path / "x"], capsys)
+    assert code == 2 and "evaluates as it is" in err

@@ -59,9 +59,14 @@ def layout(path: Path) -> str:
         return "llava-hf"
     if kind in ORIGINAL:
         return "moe-llava" if kind.startswith("moe_") else "llava-original"
+    from moebench.interop.native import NATIVE_VLMS
+
+    if kind in NATIVE_VLMS:
+        return "native-vlm"
     raise UserError(f"{path}: a checkpoint of model_type {kind!r} ({', '.join(cfg.get('architectures') or [])}) "
                     "is not a layout moebench reads; it reads moebench runs, llava-hf (LlavaForConditionalGeneration), "
-                    f"original LLaVA-1.5 and MoE-LLaVA ({', '.join(sorted(ORIGINAL))}) directories")
+                    f"original LLaVA-1.5 and MoE-LLaVA ({', '.join(sorted(ORIGINAL))}) directories and native "
+                    "Qwen3-VL(-MoE) checkpoints")
 
 
 # original LLaVA-1.5 and MoE-LLaVA releases: model_type -> the transformers family of their LM
@@ -209,6 +214,9 @@ def convert(path: Path, out: Path, vision_tower: Path | None = None):
     kind = layout(path)
     if kind == "run":
         raise UserError(f"{path} is already a moebench run; nothing to convert")
+    if kind == "native-vlm":
+        raise UserError(f"{path} is a transformers-native VLM, which moebench evaluates as it is: "
+                        "`moebench eval --model PATH` (nothing to convert)")
     if kind == "llava-hf":
         model, model_cfg, tokenizer, moe = _from_llava_hf(path)
     else:
