@@ -26,7 +26,10 @@ def runs(tmp_path_factory):
     moe = train(load_recipe(REPO / "recipes" / "shapes_moe.yaml", [
         *TINY, *NO_NORM, "stages.moe.max_steps=2", "stages.moe.batch_size=8", "moe.shared_expert=gated"]),
         runs_dir=base / "runs", results_dir=base / "res", progress=False)
-    return {"dense": dense, "moe": moe, "base": base}
+    mixtral = train(load_recipe(REPO / "recipes" / "shapes_moe.yaml", [
+        *TINY, *NO_NORM, "stages.moe.max_steps=2", "stages.moe.batch_size=8", "model.llm.family=llama",
+        "moe.layers=all"]), runs_dir=base / "runs", results_dir=base / "res", progress=False)
+    return {"dense": dense, "moe": moe, "mixtral": mixtral, "base": base}
 
 
 def _inputs(model, tokenizer, recipe):
@@ -46,7 +49,7 @@ def _ours(run):
     return model(ids, mask, pixels).logits, (ids, mask, pixels)
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "mixtral"])
 def test_export_then_transformers_then_convert_keeps_the_logits(runs, kind, tmp_path, capsys):
     from transformers import AutoModelForImageTextToText
 
@@ -59,14 +62,14 @@ def test_export_then_transformers_then_convert_keeps_the_logits(runs, kind, tmp_
     assert code == 0, err
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
-    assert cfg["text_config"]["model_type"] == ("qwen2_moe" if kind == "moe" else "qwen2")
+    assert cfg["text_config"]["model_type"] == {"dense": "qwen2", "moe": "qwen2_moe", "mixtral": "mixtral"}[kind]
     hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         got = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     assert (got - want).abs().max() < 1e-5
 
     back = convert(tmp_path / "hf", tmp_path / "back")
-    assert back.recipe.variant == kind
+    assert back.recipe.variant == ("dense" if kind == "dense" else "moe")
     model, _ = back.load_model("cpu")
     with torch.no_grad():
         again = model(ids, mask, pixels).logits

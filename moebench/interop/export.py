@@ -3,7 +3,8 @@
 
     dense run  -> LlavaForConditionalGeneration: the CLIP tower as it is, the projector as
                   `multi_modal_projector.linear_{1,2}`, the LM as `language_model` + `lm_head`
-    MoE run    -> the same Llava with a Qwen2-MoE text model (qwen2 family): `mlp_only_layers` are the
+    MoE run    -> the same Llava with a Mixtral text model (a llama LLM, every layer MoE, no shared expert) or
+                  a Qwen2-MoE one (qwen2 family): `mlp_only_layers` are the
                   dense layers; each MoE layer's router is `mlp.gate`, its stacked experts
                   `mlp.experts.{gate_up_proj, down_proj}` (the same (E, 2f, d) / (E, d, f) layout), a
                   `gated` shared expert `mlp.shared_expert` + `mlp.shared_expert_gate`, and no shared
@@ -45,10 +46,13 @@ def export_blockers(model, meta: dict) -> list[str]:
     blocks = [m for m in model.llm.modules() if isinstance(m, RoutedBlock)]
     if blocks:
         family = model.llm.config.model_type
-        if family != "qwen2":
-            out.append(f"an MoE model of the {family} family: moebench exports MoE layers as Qwen2-MoE, so the LLM "
-                       "must be qwen2")
         b = blocks[0]
+        mixtral = family == "llama" and len(blocks) == model.llm.config.num_hidden_layers and b.shared_expert is None
+        if family != "qwen2" and not mixtral:
+            out.append(f"an MoE model of the {family} family: moebench exports MoE layers as Qwen2-MoE (qwen2) or "
+                       "Mixtral (llama with every layer MoE and no shared expert)")
+        if not b.top_k_normalized:
+            out.append("moe.top_k_normalized=false: Qwen2-MoE and Mixtral as exported renormalise the top-k weights")
         if b.shared_expert is not None and b.shared_gate is None:
             out.append("moe.shared_expert=plain: Qwen2-MoE gates its shared expert with a sigmoid; train with "
                        "shared_expert: gated (or none) to export")
@@ -59,7 +63,7 @@ def export_blockers(model, meta: dict) -> list[str]:
 
 def text_config(model):
     """The transformers config of the exported language model: the LLM's own, or Qwen2-MoE for an MoE one."""
-    from transformers import Qwen2MoeConfig
+    from transformers import MixtralConfig, Qwen2MoeConfig
 
     from moebench.moe.upcycle import moe_blocks
 
@@ -68,6 +72,13 @@ def text_config(model):
     if not blocks:
         return cfg
     b = next(iter(blocks.values()))
+    if cfg.model_type == "llama":  # every layer MoE, no shared expert (export_blockers): Mixtral
+        fields = {k: getattr(cfg, k) for k in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
+            "rope_parameters", "attention_dropout", "pad_token_id", "bos_token_id", "eos_token_id")}
+        return MixtralConfig(**fields, intermediate_size=b.experts.down_proj.shape[-1],
+                             num_local_experts=b.num_experts, num_experts_per_tok=b.top_k, sliding_window=None)
     shared = b.shared_expert.down_proj.weight.shape[1] if b.shared_expert is not None else 0
     fields = {k: getattr(cfg, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -113,7 +124,7 @@ def llava_state_dict(model) -> dict[str, torch.Tensor]:
         else:
             raise UserError(f"export: no Llava tensor for {name}; this model has parts transformers' Llava lacks")
     for i, block in moe_blocks(model.llm):
-        if block.shared_expert is None:  # Qwen2-MoE always has one: an empty expert, which adds exactly zero
+        if block.shared_expert is None and model.llm.config.model_type == "qwen2":  # Qwen2-MoE always has one: an empty expert, which adds exactly zero
             d, mlp = model.llm.config.hidden_size, f"model.language_model.layers.{i}.mlp"
             for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
                 out[f"{mlp}.shared_expert.{proj}.weight"] = torch.zeros(shape)

@@ -22,18 +22,22 @@ from moebench.errors import UserError
 NATIVE_VLMS = ("qwen3_vl_moe", "qwen3_vl")
 
 
+def _router(m):
+    """A sparse block's router (transformers names it `gate` or `router`), or None."""
+    r = getattr(m, "gate", None) or getattr(m, "router", None)
+    return r if hasattr(r, "top_k") and hasattr(r, "num_experts") and hasattr(m, "experts") else None
+
+
 def sparse_blocks(model) -> list:
-    """transformers' sparse MoE blocks of `model`: a router `gate` (top_k, num_experts) beside `experts`."""
-    return [m for m in model.modules()
-            if hasattr(m, "experts") and hasattr(getattr(m, "gate", None), "top_k")
-            and hasattr(m.gate, "num_experts")]
+    """transformers' sparse MoE blocks of `model`: a router (top_k, num_experts) beside `experts`."""
+    return [m for m in model.modules() if _router(m) is not None]
 
 
 def native_params(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for b in sparse_blocks(model):
-        e, k = b.gate.num_experts, b.gate.top_k
+        e, k = _router(b).num_experts, _router(b).top_k
         inactive += sum(p.numel() for p in b.experts.parameters()) * (e - k) // e
     return {"total": total, "activated": total - inactive, "embeddings_counted": True}
 
@@ -43,7 +47,7 @@ class NativeLoad(contextlib.AbstractContextManager):
 
     def __init__(self, model):
         self.blocks = sparse_blocks(model)
-        self.counts = [torch.zeros(b.gate.num_experts, dtype=torch.float64) for b in self.blocks]
+        self.counts = [torch.zeros(_router(b).num_experts, dtype=torch.float64) for b in self.blocks]
         self.handles = []
 
     def __enter__(self):
@@ -51,7 +55,7 @@ class NativeLoad(contextlib.AbstractContextManager):
             def hook(module, args, output, i=i):
                 index = output[2]  # (tokens, top_k)
                 self.counts[i] += torch.bincount(index.reshape(-1).cpu(), minlength=module.num_experts).double()
-            self.handles.append(b.gate.register_forward_hook(hook))
+            self.handles.append(_router(b).register_forward_hook(hook))
         return self
 
     def __exit__(self, *exc):
