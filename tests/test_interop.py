@@ -371,7 +371,7 @@ def test_moe_llava_release_matches_deepspeed_gating_and_evaluates(tmp_path, caps
     assert rows[0]["params_activated"] == p["activated"]
 
 
-def test_original_llava_1_5_release_matches_transformers_llava(tmp_path):
+def test_original_llava_1_5_release_matches_transformers_llava(tmp_path, capsys):
     """An original LLaVA-1.5 release (model_type llava_llama, `model.mm_projector.{0,2}`, the CLIP tower
     under `model.vision_tower.vision_tower.`) converts to the logits transformers' Llava computes from
     the same weights."""
@@ -408,10 +408,13 @@ def test_original_llava_1_5_release_matches_transformers_llava(tmp_path):
             state[k] = v
     save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     config = {**{k: v for k, v in tcfg.to_dict().items() if k not in ("model_type", "architectures")},
-              "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"], "mm_vision_tower": "openai/x",
+              "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336",
               "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
               "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False}
     (ckpt / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(["eval", "--model", ckpt, "--tasks", "gqa", "--runs", tmp_path / "r"], capsys)
+    assert code == 2 and "--vision-tower DIR" in err  # the tower it names is a hub id, not a local directory
     run = convert(ckpt, tmp_path / "converted", vision_tower=clip_dir)
     assert run.recipe.variant == "dense" and run.meta["layout"] == "llava-original"
     assert run.recipe.model.vision.aspect == "pad" and run.recipe.model.vision.feature_layer == -2
@@ -420,10 +423,13 @@ def test_original_llava_1_5_release_matches_transformers_llava(tmp_path):
     with torch.no_grad():
         assert (model(ids, mask, pixels).logits - hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
                 ).abs().max() < 1e-5
+    from moebench.models.params import count_params
+
+    _eval_rows_count(tmp_path / "converted", count_params(model), capsys, tmp_path)
 
 
 @pytest.mark.parametrize("text_model", ["mixtral", "qwen3_moe", "olmoe"])
-def test_llava_hf_with_a_native_moe_text_model_matches_transformers(tmp_path, text_model):
+def test_llava_hf_with_a_native_moe_text_model_matches_transformers(tmp_path, text_model, capsys):
     """A llava-hf checkpoint whose LM is a transformers MoE LM (Mixtral: every layer sparse; Qwen3-MoE with
     a dense layer and normalised top-k; OLMoE: top-k not normalised) converts to moebench MoE blocks with
     transformers' logits, and counts 2 of 4 experts as active."""
@@ -463,6 +469,23 @@ def test_llava_hf_with_a_native_moe_text_model_matches_transformers(tmp_path, te
     experts = sum(model.llm.model.layers[i].mlp.experts.gate_up_proj.numel()
                   + model.llm.model.layers[i].mlp.experts.down_proj.numel() for i in sparse)
     assert p["total"] - p["activated"] == experts // 2  # 2 of 4 experts per token
+    _eval_rows_count(tmp_path / "hf", p, capsys, tmp_path)
+
+
+def _eval_rows_count(path, params, capsys, tmp_path):
+    """`moebench eval --model PATH` writes rows with these parameter counts and an expert load."""
+    from moebench import results
+    from moebench.config import WorldConfig
+    from moebench.data.sources import resolve
+
+    root = resolve("shapes", WorldConfig(image_size=32, grid=4, n_train=200, n_val=900), progress=False).root
+    code, _, err = run_cli(["eval", "--model", path, "--tasks", "gqa", "--limit", "2", "--data", root,
+                            "--runs", tmp_path / "runs", "--results", tmp_path / "res", "--no-progress"], capsys)
+    assert code == 0, err
+    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "exact_match"]
+    assert (row["params_total"], row["params_activated"]) == (params["total"], params["activated"])
+    if params["activated"] < params["total"]:
+        assert row["variant"] == "moe" and json.loads(row["extra"])["expert_load"]
 
 
 def _tiny_qwen3_vl_moe(out):
