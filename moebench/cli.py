@@ -59,6 +59,10 @@ def train(
     eval_: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate the recipe's tasks after training."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     nproc: Optional[int] = NPROC,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the data files, records and tasks, build the "
+                                 "full-size model on the meta device and print each stage's parameters and memory "
+                                 "per GPU; train nothing."),
+    gpus: int = typer.Option(8, "--gpus", min=1, help="With --dry-run: also plan memory for this many GPUs."),
 ):
     """Train every stage of RECIPE (reusing cached stages), save the run, then evaluate its tasks.
 
@@ -78,6 +82,10 @@ def train(
             paths.append(Path(arg))
     paths = [find_yaml(p) for p in paths]  # files, for the torchrun workers too
     recs = [load_recipe(p, sets) for p in paths]  # a bad recipe (or task) fails here, before anything trains
+    if dry_run:
+        for rec in recs:
+            _print_dry_run(rec, gpus)
+        return
     if (nproc or 1) > 1:
         _torchrun(nproc, ["train", *map(str, paths), *sets, "--runs", str(runs), "--results", str(results),
                           *(["--resume"] if resume else []), "--eval" if eval_ else "--no-eval",
@@ -85,6 +93,31 @@ def train(
         return
     for rec in recs:
         _train_one(rec, runs=runs, results=results, resume=resume, eval_=eval_, progress=progress)
+
+
+def _print_dry_run(rec, gpus: int) -> None:
+    from rich.table import Table
+
+    from moebench.dryrun import dry_run
+
+    r = dry_run(rec, gpus)
+    for line in r["checks"]:
+        out.print(f"[green]ok[/] {line}")
+    t = Table(title=f"{r['recipe']}: plan per stage ({rec.precision}, {rec.distributed}); memory per GPU in GiB, "
+                    "without / with gradient checkpointing")
+    for col in ("stage", "params total", "activated", "trainable", "frozen", "micro-batch",
+                *[f"{n} GPU{'s' if n > 1 else ''}" for n in r["gpus"]]):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in r["stages"]:
+        mem = [f"{s['memory'][n]['total']:.1f} / {s['memory'][n]['total_ckpt']:.1f}" for n in r["gpus"]]
+        t.add_row(s["stage"], _b(s["total"]), _b(s["activated"]), _b(s["trainable"]), _b(s["total"] - s["trainable"]),
+                  f"{s['batch']} x {s['seq']}" if s["seq"] else f"{s['batch']} images", *mem)
+    out.print(t)
+    first = r["stages"][-1]["memory"][1]
+    out.print(f"final model: {_b(r['plan_total'])} parameters, {_b(r['plan_activated'])} activated per token (as "
+              f"`moebench plan`); last stage on 1 GPU: weights {first['weights']:.1f}, gradients {first['grads']:.1f}, "
+              f"AdamW {first['optimizer']:.1f}, activations {first['activations']:.1f} "
+              f"({first['activations_ckpt']:.1f} with checkpointing) GiB")
 
 
 def _train_one(rec, *, runs: Path, results: Path, resume: bool, eval_: bool, progress: bool) -> None:

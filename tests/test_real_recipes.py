@@ -75,3 +75,63 @@ def test_vimoe_ade20k_recipe_trains_and_evaluates(world, tmp_path, capsys):
     rows = results.read_rows([tmp_path / "res"], "metrics")
     assert {r["metric"] for r in rows} == {"mIoU", "mAcc", "aAcc"} and all(r["task"] == "ade20k" for r in rows)
     assert rows[0]["params_activated"] < rows[0]["params_total"]
+
+
+ALL_REAL = [*LLM_RECIPES, "vimoe_ade20k"]
+
+
+@pytest.mark.parametrize("name", ALL_REAL)
+def test_dry_run_plans_a_full_size_recipe_on_the_meta_device(world, name, tmp_path, capsys):
+    """`--dry-run` at full size (the recipes' architecture presets; their checkpoints are not here) over
+    a data root in the real layouts: every check passes, nothing is written, the last stage's parameter
+    counts equal `moebench plan`'s."""
+    import json
+    import time
+
+    from conftest import run_cli
+    from moebench.config import load_recipe
+    from moebench.dryrun import dry_run
+
+    _, data, _ = world
+    path = REPO / "recipes" / f"{name}.yaml"
+    extra = ["vit.pretrained=null"] if name == "vimoe_ade20k" else []
+    t0 = time.perf_counter()
+    code, out, err = run_cli(["train", path, f"data.source={data}", *extra, "--dry-run", "--gpus", "4",
+                              "--runs", tmp_path / "runs"], capsys)
+    assert code == 0, err
+    assert time.perf_counter() - t0 < 60 and not (tmp_path / "runs").exists()
+    assert "4 GPUs" in out and "8 GPUs" in out
+    r = dry_run(load_recipe(path, [f"data.source={data}", *extra]), gpus=4)
+    last = r["stages"][-1]
+    assert last["total"] > (1e8 if name == "vimoe_ade20k" else 1e9)  # full size, not a stand-in
+    if name != "vimoe_ade20k":
+        code, out, _ = run_cli(["plan", path, f"data.source={data}", "--json"], capsys)
+        plan = json.loads(out)
+        assert (last["total"], last["activated"]) == (plan["total"], plan["activated"])
+        m = last["memory"]
+        assert m[1]["total_ckpt"] < m[1]["total"]  # checkpointing keeps fewer activations
+        if load_recipe(path).distributed == "fsdp":
+            assert m[8]["weights"] == pytest.approx(m[1]["weights"] / 8)
+
+
+def test_dry_run_stops_at_the_first_problem_with_one_line(world, tmp_path, capsys):
+    import json
+
+    from conftest import run_cli
+
+    _, data, _ = world
+    path = REPO / "recipes" / "moe_llava_2b.yaml"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "a", "image": "x.jpg", "conversations": [{"from": "human", "value": "hi"},
+                                                                               {"from": "gpt", "value": "yo"}]},
+                               {"id": "b", "image": "y.jpg", "conversations": [{"value": "no speaker"}]}]))
+    cases = [
+        ([f"data.source={tmp_path / 'empty'}"], "data root"),
+        ([f"data.source={data}", f"stages.finetune.data={bad}"], "conversation 1 (b) has a turn without `from`"),
+        ([f"data.source={data}", "eval.tasks=[pope,nope]"], "unknown task 'nope'"),
+        ([f"data.source={data}", "stages.pretrain.images=llava/elsewhere"], "image of llava/blip_laion_cc_sbu_558k.json record 0"),
+    ]
+    for args, needle in cases:
+        code, _, err = run_cli(["train", path, *args, "--dry-run"], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], err
