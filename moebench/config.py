@@ -70,6 +70,8 @@ class LLMConfig:
     # content lookups ("is there a diamond?" against the image tokens) many times faster at about
     # 1/sqrt(hidden_size): see docs/shapes-world.md, "Why the tiny LLM uses init_std".
     init_std: float | None = None
+    # transformers' attention kernel: sdpa (torch's scaled_dot_product_attention, the default) or eager
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
 @dataclass
@@ -240,6 +242,9 @@ class Recipe:
     # optimizer state sharded over GPUs); one process ignores it. Not part of any stage key: both give
     # the single-process update on the same global batch
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # recompute each decoder (and trained vision) layer in backward instead of keeping its activations:
+    # less memory, about a third more compute; the same update (transformers' gradient_checkpointing_enable)
+    gradient_checkpointing: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: list[StageConfig] = field(default_factory=list)
@@ -703,6 +708,7 @@ def stage_key(recipe: Recipe | VisionRecipe, index: int, data_hash: str) -> str:
         model, corpus = {"kind": recipe.kind, "vit": to_dict(recipe.vit), "tasks": recipe.tasks}, []
     else:
         model, corpus = to_dict(recipe.model), tokenizer_corpus(recipe)
+        model["llm"].pop("attn_implementation")  # a kernel choice: the same computation either way
     part = {
         "model": model,
         "data": {"source": recipe.data.source, "hash": data_hash},

@@ -6,8 +6,8 @@ exists; every task's question files load and a sample of their images exists; th
 is built on the meta device (no memory, no weights read) and each stage's plan printed:
 
 - parameters: total and activated (the final stage's equal `moebench plan`'s), trainable and frozen;
-- memory per GPU, in GiB, from standard accounting (not a measurement): weights (bf16 under
-  `precision: bf16`, else fp32 master weights), gradients of the trainable parameters (fp32), AdamW's
+- memory per GPU, in GiB, from standard accounting (not a measurement): fp32 weights (bf16 is autocast
+  on CUDA), gradients of the trainable parameters (fp32), AdamW's
   two fp32 moments, and activations for the stage's micro-batch (batch_size x max_len tokens of the LLM
   and the tower's tokens): per decoder layer about 34 x s x b x d + 5 x a x s^2 x b bytes in 16-bit
   (Korthikanti et al. 2022, no sequence parallelism, no flash attention) or, with gradient
@@ -136,7 +136,7 @@ def _activations(s: int, b: int, d: int, a: int, layers: int, checkpointing: boo
 
 def memory(plan: dict, precision: str, distributed: str, gpus: int) -> dict:
     """GiB per GPU: weights, gradients, optimizer state, activations (with / without checkpointing)."""
-    weight_bytes = 2 if precision == "bf16" else 4
+    weight_bytes = 4  # moebench keeps fp32 weights; bf16 is autocast (precision auto / bf16 on CUDA)
     shard = gpus if distributed == "fsdp" else 1
     weights = plan["total"] * weight_bytes / shard
     grads = plan["trainable"] * 4 / shard

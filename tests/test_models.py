@@ -188,3 +188,24 @@ def test_logits_at_read_positions_match_the_full_model(tokenizer, family):
 
 def cache_layers(cache):
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def test_gradient_checkpointing_trains_the_same_steps(tmp_path):
+    """`gradient_checkpointing: true` recomputes the layers in backward (transformers' switch): the same
+    losses step by step as keeping the activations, for the dense stages and an MoE stage."""
+    from conftest import REPO, TINY
+    from moebench import results
+    from moebench.config import load_recipe
+    from moebench.train.pipeline import train
+
+    losses = {}
+    for on in (False, True):
+        recipe = load_recipe(REPO / "recipes" / "shapes_moe.yaml",
+                             [*TINY, "stages.moe.max_steps=3", "stages.moe.batch_size=8", "stages.moe.log_every=1",
+                              f"gradient_checkpointing={str(on).lower()}"])
+        train(recipe, runs_dir=tmp_path / f"runs{on}", results_dir=tmp_path / f"res{on}", progress=False)
+        rows = results.read_rows([tmp_path / f"res{on}"], "train")
+        losses[on] = sorted((r["stage"], r["step"], r["loss"]) for r in rows)
+    assert [x[:2] for x in losses[True]] == [x[:2] for x in losses[False]]
+    assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(losses[True], losses[False]))
+    assert {x[0] for x in losses[True]} == {"clip", "pretrain", "finetune", "moe"}

@@ -114,10 +114,11 @@ def build_llm(c: LLMConfig, tokenizer):
 
     LLM_FAMILIES.get(c.family)
     if c.pretrained:
-        llm = _from_pretrained(AutoModelForCausalLM, c.pretrained, "model.llm.pretrained")
+        llm = _from_pretrained(AutoModelForCausalLM, c.pretrained, "model.llm.pretrained",
+                               attn_implementation=c.attn_implementation)
     else:
         cfg = llm_config(c, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-        llm = AutoModelForCausalLM.from_config(cfg)
+        llm = AutoModelForCausalLM.from_config(cfg, attn_implementation=c.attn_implementation)
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
         llm.resize_token_embeddings(len(tokenizer))  # the added <image> token
     return llm

@@ -151,6 +151,23 @@ def _stage_hooks(hooks: list[variants.StageHooks]) -> variants.StageHooks:
                                close=close if closes else None)
 
 
+def _checkpointing(model, on: bool, tower: bool) -> None:
+    """Gradient checkpointing of the LM's decoder layers (and the vision tower's when it trains), through
+    transformers' public switch (`activation_checkpointing_*` from 5.25, `gradient_checkpointing_*`
+    before); off restores the plain forward."""
+    for part, wanted in ((model.llm, on), (model.vision_tower, on and tower)):
+        new = hasattr(part, "activation_checkpointing_enable")
+        active = part.is_activation_checkpointing if new else part.is_gradient_checkpointing
+        if wanted:
+            kwargs = {"use_reentrant": False}
+            if new:
+                part.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif active:
+            (part.activation_checkpointing_disable if new else part.gradient_checkpointing_disable)()
+
+
 def _transform(model, recipe, i: int, chain: list[variants.Variant], device) -> None:
     """Each variant of the chain whose stage i it is transforms the model (upcycle, add routers)."""
     for v in chain:
@@ -208,6 +225,7 @@ class _LanguageModel:
             return plain, functools.partial(_all_params, lr=stage.lr), clip_loss_fn, dataset, batch_fn
         _transform(model, recipe, i, chain, self.device)
         _keep_images(model, dataset, stage, self.device, self.progress, frozen_tower="vision" not in stage.train)
+        _checkpointing(model, recipe.gradient_checkpointing, "vision" in stage.train)
         select = functools.partial(_param_groups, stage=stage, parts=lambda m: _trainable_parts(m, chain))
         return model, select, stage_loss_fn(recipe, i, chain), dataset, batch_fn
 
