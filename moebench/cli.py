@@ -114,8 +114,9 @@ def _print_dry_run(rec, gpus: int) -> None:
                   f"{s['batch']} x {s['seq']}" if s["seq"] else f"{s['batch']} images", *mem)
     out.print(t)
     first = r["stages"][-1]["memory"][1]
-    out.print(f"final model: {_b(r['plan_total'])} parameters, {_b(r['plan_activated'])} activated per token (as "
-              f"`moebench plan`); last stage on 1 GPU: weights {first['weights']:.1f}, gradients {first['grads']:.1f}, "
+    same = "" if rec.kind == "vision" else " (as `moebench plan`)"
+    out.print(f"final model: {_b(r['plan_total'])} parameters, {_b(r['plan_activated'])} activated per token{same}; "
+              f"last stage on 1 GPU: weights {first['weights']:.1f}, gradients {first['grads']:.1f}, "
               f"AdamW {first['optimizer']:.1f}, activations {first['activations']:.1f} "
               f"({first['activations_ckpt']:.1f} with checkpointing) GiB")
 

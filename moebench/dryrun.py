@@ -9,8 +9,9 @@ is built on the meta device (no memory, no weights read) and each stage's plan p
 - memory per GPU, in GiB, from standard accounting (not a measurement): fp32 weights (bf16 is autocast
   on CUDA), gradients of the trainable parameters (fp32), AdamW's
   two fp32 moments, and activations for the stage's micro-batch (batch_size x max_len tokens of the LLM
-  and the tower's tokens): per decoder layer about 34 x s x b x d + 5 x a x s^2 x b bytes in 16-bit
-  (Korthikanti et al. 2022, no sequence parallelism, no flash attention) or, with gradient
+  and the tower's tokens): per decoder layer about 34 x s x b x d bytes in 16-bit (Korthikanti et al.
+  2022, no sequence parallelism; + 5 x a x s^2 x b for the attention scores with `attn_implementation:
+  eager`, which sdpa's fused kernels do not keep) or, with gradient
   checkpointing, the layer inputs (2 x s x b x d bytes per layer) plus one layer's full activations;
 - under the recipe's `distributed` mode for 1, 8 and `--gpus N` GPUs: DDP keeps a full copy of weights,
   gradients and optimizer state per GPU; FSDP2 divides them by N. Activations are per GPU either way.
@@ -128,22 +129,23 @@ def stage_plans(recipe) -> list[dict]:
     return out
 
 
-def _activations(s: int, b: int, d: int, a: int, layers: int, checkpointing: bool) -> float:
-    """Bytes of saved activations of `layers` transformer layers (16-bit), Korthikanti et al. 2022."""
-    full = 34 * s * b * d + 5 * a * s * s * b
+def _activations(s: int, b: int, d: int, a: int, layers: int, checkpointing: bool, sdpa: bool = True) -> float:
+    """Bytes of saved activations of `layers` transformer layers (16-bit), Korthikanti et al. 2022; with
+    sdpa (fused attention kernels) the s x s attention scores and their softmax are not kept."""
+    full = 34 * s * b * d + (0 if sdpa else 5 * a * s * s * b)
     return (2 * s * b * d * layers + full) if checkpointing else full * layers
 
 
-def memory(plan: dict, precision: str, distributed: str, gpus: int) -> dict:
+def memory(plan: dict, precision: str, distributed: str, gpus: int, sdpa: bool = True) -> dict:
     """GiB per GPU: weights, gradients, optimizer state, activations (with / without checkpointing)."""
     weight_bytes = 4  # moebench keeps fp32 weights; bf16 is autocast (precision auto / bf16 on CUDA)
     shard = gpus if distributed == "fsdp" else 1
     weights = plan["total"] * weight_bytes / shard
     grads = plan["trainable"] * 4 / shard
     optim = plan["trainable"] * 8 / shard
-    act = {ck: (_activations(plan["seq"], plan["batch"], plan["hidden"], plan["heads"], plan["layers"], ck)
-                + _activations(plan["v_tokens"], plan["batch"], plan["v_hidden"], plan["v_heads"], plan["v_layers"], ck))
-           for ck in (False, True)}
+    act = {ck: (_activations(plan["seq"], plan["batch"], plan["hidden"], plan["heads"], plan["layers"], ck, sdpa)
+                + _activations(plan["v_tokens"], plan["batch"], plan["v_hidden"], plan["v_heads"], plan["v_layers"], ck,
+                               sdpa)) for ck in (False, True)}
     static = weights + grads + optim
     return {"weights": weights / GIB, "grads": grads / GIB, "optimizer": optim / GIB,
             "activations": act[False] / GIB, "activations_ckpt": act[True] / GIB,
@@ -199,6 +201,7 @@ def dry_run(recipe, gpus: int = 8) -> dict:
         final = make_plan(recipe)
     counts = [1, 8] + ([gpus] if gpus not in (1, 8) else [])
     for s in stages:
-        s["memory"] = {n: memory(s, recipe.precision, recipe.distributed, n) for n in counts}
+        sdpa = recipe.kind == "vision" or recipe.model.llm.attn_implementation == "sdpa"
+        s["memory"] = {n: memory(s, recipe.precision, recipe.distributed, n, sdpa) for n in counts}
     return {"recipe": recipe.name, "checks": checks, "stages": stages, "gpus": counts,
             "plan_total": final["total"], "plan_activated": final["activated"]}
