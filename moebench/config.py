@@ -237,7 +237,9 @@ class Recipe:
     name: str = ""
     seed: int = 0
     variant: str = "dense"  # a registered variant (moebench/variants): dense, moe, stgc, roe
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    # auto / bf16 = bf16 autocast on CUDA over fp32 weights (fp32 on CPU); fp32; bf16_weights = the model
+    # itself in bf16 (weights, gradients and AdamW state: half the memory of fp32 weights), on any device
+    precision: Literal["auto", "fp32", "bf16", "bf16_weights"] = "auto"
     # data parallelism under torchrun: DDP (a full replica per GPU) or FSDP2 (parameters, gradients and
     # optimizer state sharded over GPUs); one process ignores it. Not part of any stage key: both give
     # the single-process update on the same global batch
@@ -509,7 +511,7 @@ class VisionRecipe:
     kind: Literal["vision"] = "vision"
     seed: int = 0
     variant: str = "dense"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "bf16_weights"] = "auto"
     distributed: Literal["ddp", "fsdp"] = "ddp"
     data: DataConfig = field(default_factory=DataConfig)
     vit: ViTConfig = field(default_factory=ViTConfig)

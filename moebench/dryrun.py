@@ -6,9 +6,9 @@ exists; every task's question files load and a sample of their images exists; th
 is built on the meta device (no memory, no weights read) and each stage's plan printed:
 
 - parameters: total and activated (the final stage's equal `moebench plan`'s), trainable and frozen;
-- memory per GPU, in GiB, from standard accounting (not a measurement): fp32 weights (bf16 is autocast
-  on CUDA), gradients of the trainable parameters (fp32), AdamW's
-  two fp32 moments, and activations for the stage's micro-batch (batch_size x max_len tokens of the LLM
+- memory per GPU, in GiB, from standard accounting (not a measurement): weights (fp32 under autocast,
+  bf16 with `precision: bf16_weights`), gradients of the trainable parameters and AdamW's
+  two moments in the weights' dtype, and activations for the stage's micro-batch (batch_size x max_len tokens of the LLM
   and the tower's tokens): per decoder layer about 34 x s x b x d bytes in 16-bit (Korthikanti et al.
   2022, no sequence parallelism; + 5 x a x s^2 x b for the attention scores with `attn_implementation:
   eager`, which sdpa's fused kernels do not keep) or, with gradient
@@ -138,11 +138,12 @@ def _activations(s: int, b: int, d: int, a: int, layers: int, checkpointing: boo
 
 def memory(plan: dict, precision: str, distributed: str, gpus: int, sdpa: bool = True) -> dict:
     """GiB per GPU: weights, gradients, optimizer state, activations (with / without checkpointing)."""
-    weight_bytes = 4  # moebench keeps fp32 weights; bf16 is autocast (precision auto / bf16 on CUDA)
+    # fp32 weights under autocast (precision auto / bf16); bf16_weights: weights, gradients, AdamW in bf16
+    width = 2 if precision == "bf16_weights" else 4
     shard = gpus if distributed == "fsdp" else 1
-    weights = plan["total"] * weight_bytes / shard
-    grads = plan["trainable"] * 4 / shard
-    optim = plan["trainable"] * 8 / shard
+    weights = plan["total"] * width / shard
+    grads = plan["trainable"] * width / shard
+    optim = plan["trainable"] * 2 * width / shard
     act = {ck: (_activations(plan["seq"], plan["batch"], plan["hidden"], plan["heads"], plan["layers"], ck, sdpa)
                 + _activations(plan["v_tokens"], plan["batch"], plan["v_hidden"], plan["v_heads"], plan["v_layers"], ck,
                                sdpa)) for ck in (False, True)}

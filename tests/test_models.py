@@ -209,3 +209,22 @@ def test_gradient_checkpointing_trains_the_same_steps(tmp_path):
     assert [x[:2] for x in losses[True]] == [x[:2] for x in losses[False]]
     assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(losses[True], losses[False]))
     assert {x[0] for x in losses[True]} == {"clip", "pretrain", "finetune", "moe"}
+
+
+def test_bf16_weights_train_in_bf16_and_evaluate(tmp_path):
+    """`precision: bf16_weights` trains the model itself in bf16 (its checkpoint holds bf16 tensors) and the
+    run evaluates as usual; the stage keys differ from fp32's, so no cached fp32 stage is reused."""
+    from safetensors import safe_open
+
+    from conftest import REPO, TINY
+    from moebench.config import load_recipe, stage_key
+    from moebench.eval.runner import evaluate_run
+    from moebench.train.pipeline import train
+
+    recipe = load_recipe(REPO / "recipes" / "shapes_dense.yaml", [*TINY, "precision=bf16_weights"])
+    assert stage_key(recipe, 0, "h") != stage_key(load_recipe(REPO / "recipes" / "shapes_dense.yaml", TINY), 0, "h")
+    run = train(recipe, runs_dir=tmp_path / "runs", results_dir=tmp_path / "res", progress=False)
+    with safe_open(str(run.dir / "model" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    rows = evaluate_run(run, ["gqa"], data=None, batch_size=4, limit=4, results_dir=tmp_path / "res", progress=False)
+    assert rows and all(0 <= r["value"] <= 1 for r in rows)

@@ -321,6 +321,8 @@ def train(recipe: Recipe | VisionRecipe, *, runs_dir: Path, results_dir: Path, r
     else:
         model = kind.build()
     model.to(device)
+    if recipe.precision == "bf16_weights":
+        model.to(torch.bfloat16)
 
     def log(rows: list[dict]) -> None:
         if rows and w.main:
@@ -332,6 +334,8 @@ def train(recipe: Recipe | VisionRecipe, *, runs_dir: Path, results_dir: Path, r
         stage = recipe.stages[i]
         torch.manual_seed(recipe.seed * 1000 + i)
         plain, select, loss_fn, dataset, batch_fn = kind.stage(model, i, chain)
+        if recipe.precision == "bf16_weights":  # parts a transform or a stage module added start in fp32
+            plain.to(torch.bfloat16)
         # module: what a step calls; net: the model it trains (a sharded copy of `plain` under FSDP2)
         module, net, groups = parallel.prepare(plain, recipe.distributed, select)
         trained = {name: params for name, params, _ in groups}
