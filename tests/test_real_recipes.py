@@ -127,6 +127,7 @@ def test_dry_run_stops_at_the_first_problem_with_one_line(world, tmp_path, capsy
                                {"id": "b", "image": "y.jpg", "conversations": [{"value": "no speaker"}]}]))
     cases = [
         ([f"data.source={tmp_path / 'empty'}"], "data root"),
+        ([f"data.source={data}", "stages.moe.data=llava/nope.json"], "llava/nope.json"),
         ([f"data.source={data}", f"stages.finetune.data={bad}"], "conversation 1 (b) has a turn without `from`"),
         ([f"data.source={data}", "eval.tasks=[pope,nope]"], "unknown task 'nope'"),
         ([f"data.source={data}", "stages.pretrain.images=llava/elsewhere"], "image of llava/blip_laion_cc_sbu_558k.json record 0"),
