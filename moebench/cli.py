@@ -219,6 +219,8 @@ def score_cmd(
     data: Optional[str] = typer.Option(None, "--data", help="'shapes' or a data root (default: $MOEBENCH_DATA)."),
     split: Optional[str] = typer.Option(None, "--split", help="Score only these splits (comma-separated)."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name for the rows (default: the file's stem)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="Whose scoring rules: llava (LLaVA-1.5 / MoE-LLaVA's "
+                                           "scripts), official (the dataset's) or lmms_eval; default: the task file's."),
     results: Path = RESULTS,
 ):
     """Score another harness's predictions with moebench's metrics; writes the same Arrow rows."""
@@ -233,7 +235,8 @@ def score_cmd(
         raise UserError("--data is missing; give 'shapes' or the data root the questions live under")
     src = resolve(source, WorldConfig(), progress=False)
     rows = score_predictions(task, predictions, data_root=src.root, data_name=src.name, data_hash=src.hash,
-                             results_dir=results, name=name, splits=split.split(",") if split else None)
+                             results_dir=results, name=name, splits=split.split(",") if split else None,
+                             protocol=protocol)
     _print_headlines(rows)
     missing = rows[0]["extra"]["missing_predictions"] if rows else 0
     if missing:
@@ -383,12 +386,14 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print rows as JSON instead of a table."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Only these tasks (comma-separated)."),
     all_metrics: bool = typer.Option(False, "--all", help="Every metric, not only each task's headline."),
+    breakdowns: bool = typer.Option(False, "--breakdowns", help="Also the official breakdowns: VQAv2 per answer type, "
+                                    "GQA binary / open, ScienceQA per subject and context."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write PNG plots (headline vs activated params and vs latency) here."),
 ):
     """One table across runs: each task's metrics beside its majority-answer baseline."""
     from moebench.report import load_rows, report_table
 
-    rows = load_rows(results_dirs or [Path("results")], tasks.split(",") if tasks else None, all_metrics)
+    rows = load_rows(results_dirs or [Path("results")], tasks.split(",") if tasks else None, all_metrics, breakdowns)
     if plot is not None:
         from moebench.plots import report_plots
 

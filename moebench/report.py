@@ -17,18 +17,24 @@ def _headline(task: str) -> tuple[str | None, str]:
         return HEADLINES.get(task, (None, ""))
 
 
-def load_rows(dirs: list[Path], tasks: list[str] | None = None, all_metrics: bool = False) -> list[dict]:
-    """Newest row per (run, task, split, metric), headline metrics only unless all_metrics."""
+def load_rows(dirs: list[Path], tasks: list[str] | None = None, all_metrics: bool = False,
+              breakdowns: bool = False) -> list[dict]:
+    """Newest row per (run, task, split, metric), headline metrics only unless all_metrics; the official
+    breakdowns (rows with a `group`: VQAv2 answer types, GQA binary / open, ScienceQA subjects and
+    context) only with `breakdowns`."""
     from moebench.results import latest_rows, read_table
 
     rows = latest_rows(read_table([str(d) for d in dirs], "metrics")).to_pylist()
     if tasks:
         rows = [r for r in rows if r["task"] in tasks]
+    if not breakdowns:
+        rows = [r for r in rows if not r.get("group")]
     if not all_metrics:
         keep = []
         for r in rows:
             split, metric = _headline(r["task"])
-            if r["metric"] == metric and (split is None or r["split"] == split):
+            whole = r["split"].split("|")[0]  # a breakdown row's split is "<split>|<group>"
+            if r["metric"] == metric and (split is None or whole == split):
                 keep.append(r)
         rows = keep
     return sorted(rows, key=lambda r: (r["task"], r["split"], r["metric"], r["run"]))

@@ -34,7 +34,9 @@ from moebench.faults import fault_point
 #    files of versions 1 and 2 read with those columns null. Samples and train tables are unchanged.
 # 4: metrics gained `latency_ms` (mean wall time of one evaluation batch); vision rows (classification,
 #    segmentation) leave the token timings `ttft_ms` / `tpot_ms` null. Older files read with it null.
-SCHEMA_VERSION = 4
+# 5: metrics gained `protocol` (whose scoring rules: llava, official, lmms_eval) and `group` (an official
+#    breakdown, e.g. "answer_type=yes/no"; null on the whole split). Older files read with them null.
+SCHEMA_VERSION = 5
 
 _str, _f64, _i64 = pa.string(), pa.float64(), pa.int64()
 
@@ -58,6 +60,8 @@ METRICS_SCHEMA = _schema("metrics", [
     ("dataset_hash", _str, True),
     ("task_version", _i64, True),
     ("normalizer", _str, True),
+    ("protocol", _str, True),  # llava (LLaVA-1.5 / MoE-LLaVA's scripts), official, lmms_eval
+    ("group", _str, True),  # a breakdown of the split ("answer_type=number"), null for the whole split
     ("params_total", _i64, True),
     ("params_activated", _i64, True),
     ("params_detail", _str, True),  # JSON: llm / vision / projector, embeddings counted or not

@@ -43,7 +43,7 @@ def test_missing_recipe_file(capsys, tmp_path):
 
 def test_missing_data_root(capsys, tmp_path):
     code, _, err = run_cli(["train", RECIPE, f"data.source={tmp_path / 'nowhere'}", "--runs", tmp_path], capsys)
-    _one_line_error(code, err, "missing data root", "--data shapes")
+    _one_line_error(code, err, "missing data root", "--data (eval)")
 
 
 def test_missing_data_file(capsys, tmp_path):

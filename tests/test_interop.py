@@ -482,7 +482,8 @@ def _eval_rows_count(path, params, capsys, tmp_path):
     code, _, err = run_cli(["eval", "--model", path, "--tasks", "gqa", "--limit", "2", "--data", root,
                             "--runs", tmp_path / "runs", "--results", tmp_path / "res", "--no-progress"], capsys)
     assert code == 0, err
-    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "exact_match"]
+    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "exact_match"
+              and not r["group"]]
     assert (row["params_total"], row["params_activated"]) == (params["total"], params["activated"])
     if params["activated"] < params["total"]:
         assert row["variant"] == "moe" and json.loads(row["extra"])["expert_load"]
@@ -543,7 +544,8 @@ def test_eval_takes_a_native_qwen3_vl_moe_checkpoint_as_it_is(tmp_path, capsys):
             "--data", root, "--results", tmp_path / "res", "--no-progress"]
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
-    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "exact_match"]
+    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "exact_match"
+              and not r["group"]]
     experts = sum(layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel()
                   for layer in model.model.language_model.layers)
     assert row["variant"] == "moe" and row["params_total"] - row["params_activated"] == experts // 2

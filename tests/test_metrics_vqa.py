@@ -246,3 +246,66 @@ def test_multiple_choice_baseline_and_old_baselines_unchanged():
     assert M.baseline_values("exact_match", ["left", "right", "left"]) == {"exact_match": pytest.approx(2 / 3)}
     assert M.baseline_values("pope", ["yes", "no", "no"])["accuracy"] == pytest.approx(2 / 3)
     assert M.majority_baseline(["b", "a", "c", "b", "a"]) == ("a", 0.4)
+
+
+# ------------------------------------------------------------------ protocols (issue 31)
+def test_m4c_normalisation_hand_worked():
+    """m4c's EvalAIAnswerProcessor: always lower-cased, ',' and '?' dropped, the official punctuation,
+    number-word and article rules; "'s" split off."""
+    from moebench.eval.metrics import m4c_normalize
+
+    assert m4c_normalize("Two") == "2"
+    assert m4c_normalize("The Coca-Cola") == "coca cola"
+    assert m4c_normalize("1,000") == "1000"
+    assert m4c_normalize("STOP.") == "stop"
+    assert m4c_normalize("what's?") == "what 's"
+    assert m4c_normalize("a Dog\n") == "dog"
+
+
+def test_textvqa_protocols_differ_where_the_answers_agree():
+    """Ten identical answers "Stop": the official rule compares raw strings (no normalisation when the
+    annotators agree), so "stop" scores 0; m4c normalises both and scores 1. With 2 of 10 answers
+    matching, m4c's leave-one-out gives (8 x 2/3 + 2 x 1/3) / 10 = 0.6."""
+    from moebench.eval.metrics import compute
+
+    ten = ["Stop"] * 10
+    assert compute("textvqa_accuracy", ["stop"], [ten], protocol="official").values["accuracy"] == 0.0
+    assert compute("textvqa_accuracy", ["stop"], [ten], protocol="llava").values["accuracy"] == 1.0
+    two = ["Coke"] * 2 + ["pepsi"] * 8
+    assert compute("textvqa_accuracy", ["coke"], [two], protocol="llava").values["accuracy"] == pytest.approx(0.6)
+
+
+def test_vqav2_llava_protocol_processes_the_prediction_first():
+    """LLaVA's VQAv2 submission runs the answer processor on each prediction, then the official script:
+    "Two." against ten "2" scores 1 under llava, 0 under official (unanimous answers: raw comparison)."""
+    from moebench.eval.metrics import compute
+
+    assert compute("vqa_accuracy", ["Two."], [["2"] * 10], protocol="llava").values["accuracy"] == 1.0
+    assert compute("vqa_accuracy", ["Two."], [["2"] * 10], protocol="official").values["accuracy"] == 0.0
+
+
+def test_breakdown_rows_gqa_binary_open_and_scienceqa_context():
+    """GQA's eval.py: open = structural type query, every other type binary. ScienceQA: an image problem
+    with a hint counts in both IMG and TXT. Each group's rows score its own samples."""
+    from pathlib import Path
+
+    from moebench.eval.runner import score
+    from moebench.eval.tasks import Sample, load_task
+
+    gqa = load_task("gqa")
+    recs = [{"prediction": p, "sample": Sample(str(i), "testdev_balanced", Path("x.jpg"), "q", t, {"type": g})}
+            for i, (p, t, g) in enumerate([("yes", "yes", "binary"), ("no", "yes", "binary"), ("red", "red", "open")])]
+    rows, _ = score(gqa, recs)
+    by = {r.get("group"): r for r in rows}
+    assert by[None]["value"] == pytest.approx(2 / 3)
+    assert by["type=binary"]["value"] == 0.5 and by["type=binary"]["n"] == 2
+    assert by["type=open"]["value"] == 1.0 and by["type=open"]["split"] == "testdev_balanced|type=open"
+
+    sqa = load_task("scienceqa_img")
+    recs = [{"prediction": p, "sample": Sample(str(i), "test", Path("x.jpg"), "q", t, {"subject": s, "context": c})}
+            for i, (p, t, s, c) in enumerate([("A", "A", "natural science", ["IMG", "TXT"]),
+                                              ("B", "A", "social science", ["IMG"])])]
+    rows, _ = score(sqa, recs)
+    acc = {r.get("group"): r["value"] for r in rows if r["metric"] == "accuracy"}
+    assert acc == {None: 0.5, "context=IMG": 0.5, "context=TXT": 1.0, "subject=natural science": 1.0,
+                   "subject=social science": 0.0}

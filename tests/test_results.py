@@ -29,7 +29,7 @@ def test_schemas_have_expected_columns():
     for c in ("torch_version", "transformers_version"):
         assert R.METRICS_SCHEMA.field(c).type == pa.string() and R.METRICS_SCHEMA.field(c).nullable
     assert R.METRICS_SCHEMA.metadata[b"moebench.schema_version"] == str(R.SCHEMA_VERSION).encode()
-    assert R.SCHEMA_VERSION == 4
+    assert R.SCHEMA_VERSION == 5
 
 
 def test_round_trip(tmp_path):

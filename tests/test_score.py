@@ -58,7 +58,8 @@ def test_gqa_answers_with_llava_normaliser_and_missing_ones(root, tmp_path, caps
     code, _, err = run_cli(["score", "--task", "gqa", "--predictions", path, "--data", root,
                             "--results", tmp_path / "res"], capsys)
     assert code == 0, err
-    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "exact_match"]
+    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "exact_match"
+              and not r["group"]]
     assert row["value"] == pytest.approx((len(ids) - 1) / len(ids))
     assert json.loads(row["extra"])["missing_predictions"] == 1
     assert "1 questions had no prediction" in err
@@ -73,20 +74,30 @@ def test_malformed_predictions_are_one_line_errors(root, tmp_path, capsys):
     assert code == 2 and "missing predictions file" in err
 
 
-def test_vqav2_predictions_scored_with_official_vqa_accuracy(root, tmp_path, capsys):
-    """Predicting each question's first annotator answer scores the official leave-one-out accuracy."""
-    from moebench.eval.metrics import vqa_score
+@pytest.mark.parametrize("protocol", ["official", "llava"])
+def test_vqav2_predictions_scored_with_official_vqa_accuracy(root, tmp_path, capsys, protocol):
+    """Predicting each question's first annotator answer scores the official leave-one-out accuracy; under
+    the llava protocol the prediction goes through LLaVA's answer processor first. Rows name the protocol,
+    and the answer-type breakdown rows average to the whole."""
+    from moebench.eval.metrics import m4c_normalize, vqa_score
 
     anns = json.loads((root / "vqav2" / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
     path = tmp_path / "vqa.json"  # the VQAv2 submission layout: a JSON list
     path.write_text(json.dumps([{"question_id": a["question_id"], "answer": a["answers"][0]["answer"]} for a in anns]))
-    code, _, err = run_cli(["score", "--task", "vqav2", "--predictions", path, "--data", root,
+    code, _, err = run_cli(["score", "--task", "vqav2", "--predictions", path, "--data", root, "--protocol", protocol,
                             "--results", tmp_path / "res"], capsys)
     assert code == 0, err
-    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "accuracy"]
-    expected = sum(vqa_score(a["answers"][0]["answer"], [x["answer"] for x in a["answers"]]) for a in anns) / len(anns)
-    assert row["value"] == pytest.approx(expected)
+    rows = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "accuracy"]
+    (row,) = [r for r in rows if not r["group"]]
+    prep = m4c_normalize if protocol == "llava" else (lambda x: x)
+    expected = sum(vqa_score(prep(a["answers"][0]["answer"]), [x["answer"] for x in a["answers"]])
+                   for a in anns) / len(anns)
+    assert row["value"] == pytest.approx(expected) and row["protocol"] == protocol
     assert 0.3 < row["value"] < 1.0  # annotators disagree, so some questions score below 1
+    groups = [r for r in rows if r["group"]]
+    if any(a.get("answer_type") for a in anns):
+        assert {r["group"].split("=")[0] for r in groups} == {"answer_type"}
+        assert sum(r["value"] * r["n"] for r in groups) / sum(r["n"] for r in groups) == pytest.approx(row["value"])
 
 
 def test_question_without_answer_and_broken_image_are_one_line_errors(root, tmp_path, capsys):

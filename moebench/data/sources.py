@@ -31,7 +31,8 @@ def resolve(source: str | None, world: WorldConfig, progress: bool = True) -> Da
         return DataSource(root=root, name=f"shapes-v{_world_version()}-seed{world.seed}", hash=world_hash(root))
     root = Path(source).expanduser()
     if not root.is_dir():
-        raise MissingFile(root, "data root", f"pass --data shapes or a directory holding the datasets (or set ${DATA_ENV})")
+        raise MissingFile(root, "data root", "point data.source (a recipe) or --data (eval) at a directory holding the "
+                          f"datasets, or at shapes (or set ${DATA_ENV})")
     return DataSource(root=root, name=str(root), hash="")
 
 

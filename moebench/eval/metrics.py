@@ -268,6 +268,32 @@ def vqa_score(prediction: str, answers: VQATarget) -> float:
     return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
 
 
+def m4c_normalize(text: str) -> str:
+    """m4c's `EvalAIAnswerProcessor` (LLaVA's llava/eval/m4c_evaluator.py, from pythia): lower-case, drop
+    every ',' and '?', "'s" -> " 's", newline / tab -> blank, strip, then the official punctuation and
+    digit / article rules (`vqa_process_punctuation`, `vqa_process_digit_article`). Always applied, to
+    predictions and answers alike: "Two," -> "2", "The Coca-Cola" -> "coca cola", "1,000" -> "1000"."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return vqa_process_digit_article(vqa_process_punctuation(text))
+
+
+def m4c_score(prediction: str, answers: VQATarget) -> float:
+    """One question's TextVQA accuracy as m4c's `TextVQAAccuracyEvaluator` (what LLaVA-1.5 and MoE-LLaVA
+    report): prediction and the 10 answers through `m4c_normalize`, then each answer position left out in
+    turn, min(1, #other answers equal to the prediction / 3), averaged. A string target scores 1 only
+    when the raw prediction equals it."""
+    if isinstance(answers, str):
+        return float(prediction == answers)
+    gts = [m4c_normalize(a) for a in _vqa_answers(answers, 0)]
+    pred = m4c_normalize(prediction)
+    matches = sum(g == pred for g in gts)
+    return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
+
+
+PROTOCOLS = ("llava", "official", "lmms_eval")
+
+
 def vqa_accuracy(preds: Sequence[str], targets: Sequence[VQATarget]) -> tuple[float, list[float]]:
     """VQA accuracy (Antol et al. 2015; VQAv2, VizWiz): the mean of `vqa_score` over questions.
 
@@ -365,13 +391,29 @@ def _pope(preds: Sequence[str], targets: Sequence[str]) -> MetricResult:
 
 
 @METRICS.register("exact_match")
-def _exact_match(preds: Sequence[str], targets: Sequence[str], normalizer: str = "llava") -> MetricResult:
-    accuracy, scores = exact_match(preds, targets, normalizer=normalizer)
+def _exact_match(preds: Sequence[str], targets: Sequence[str], normalizer: str = "llava",
+                 protocol: str = "llava") -> MetricResult:
+    """GQA: `protocol: llava` (LLaVA's eval_gqa normaliser) or `lmms_eval` (punctuation stripped too)."""
+    accuracy, scores = exact_match(preds, targets, normalizer="lmms_eval" if protocol == "lmms_eval" else normalizer)
     return MetricResult({"exact_match": accuracy}, scores)
 
 
+@METRICS.register("textvqa_accuracy")
+def _textvqa_accuracy(preds: Sequence[str], targets: Sequence[VQATarget], protocol: str = "llava") -> MetricResult:
+    """TextVQA: `protocol: llava` is m4c's evaluator (always normalised, `m4c_score`); `official` is the
+    VQA evaluation script's rule (`vqa_score`: normalised only when the annotators disagree)."""
+    _check_lengths(preds, targets, "textvqa_accuracy")
+    rule = m4c_score if protocol == "llava" else vqa_score
+    scores = [rule(p, t) for p, t in zip(preds, targets)]
+    return MetricResult({"accuracy": _div(sum(scores), len(scores))}, scores)
+
+
 @METRICS.register("vqa_accuracy")
-def _vqa_accuracy(preds: Sequence[str], targets: Sequence[VQATarget]) -> MetricResult:
+def _vqa_accuracy(preds: Sequence[str], targets: Sequence[VQATarget], protocol: str = "official") -> MetricResult:
+    """VQAv2: `official` scores the raw prediction with vqaEval.py; `llava` first runs LLaVA's submission
+    script's answer processor (m4c's EvalAIAnswerProcessor) on the prediction, as its VQAv2 numbers do."""
+    if protocol == "llava":
+        preds = [m4c_normalize(p) for p in preds]
     accuracy, scores = vqa_accuracy(preds, targets)
     return MetricResult({"accuracy": accuracy}, scores)
 
@@ -388,8 +430,12 @@ def get_metric(name: str) -> MetricFn:
 
 
 def compute(name: str, preds: Sequence[str], targets: Sequence[VQATarget], **options) -> MetricResult:
-    """Run metric `name` on predictions vs targets (options, e.g. normalizer, go to the metric)."""
-    return get_metric(name)(preds, targets, **options)
+    """Run metric `name` on predictions vs targets; the options it takes (normalizer, protocol) go to it."""
+    import inspect
+
+    fn = get_metric(name)
+    takes = inspect.signature(fn).parameters
+    return fn(preds, targets, **{k: v for k, v in options.items() if k in takes and v})
 
 
 def baseline_values(name: str, targets: Sequence[VQATarget], **options) -> dict[str, float]:

@@ -157,8 +157,9 @@ class _task_bar:
 
 
 def score(task: TaskConfig, records: list[dict]) -> tuple[list[dict], list[float]]:
-    """Metric values per split (+ the mean over splits when there are several) and per-sample scores."""
-    options = {"normalizer": task.normalizer} if task.normalizer else {}
+    """Metric values per split (+ the mean over splits when there are several), the official breakdowns
+    (rows whose `group` is e.g. "answer_type=yes/no", split "<split>|<group>"), and per-sample scores."""
+    options = {"normalizer": task.normalizer, "protocol": task.protocol}
     by_split: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_split.setdefault(r["sample"].split, []).append(i)
@@ -174,6 +175,8 @@ def score(task: TaskConfig, records: list[dict]) -> tuple[list[dict], list[float
         per_split_values.append((res.values, base))
         for name, value in res.values.items():
             rows.append({"split": split, "metric": name, "value": value, "baseline": base.get(name), "n": len(idx)})
+    for split, idx in by_split.items():
+        rows += _breakdowns(task, records, idx, split, options)
     if len(by_split) > 1:
         for name in per_split_values[0][0]:
             vals = [v[name] for v, _ in per_split_values]
@@ -182,6 +185,23 @@ def score(task: TaskConfig, records: list[dict]) -> tuple[list[dict], list[float
                          "baseline": sum(bases) / len(bases) if None not in bases else None,
                          "n": len(records)})
     return rows, scores
+
+
+def _breakdowns(task: TaskConfig, records: list[dict], idx: list[int], split: str, options: dict) -> list[dict]:
+    """The task's metrics over each group of samples its loader marked (Sample.groups)."""
+    members: dict[tuple[str, str], list[int]] = {}
+    for i in idx:
+        for key, values in records[i]["sample"].groups.items():
+            for value in values if isinstance(values, list) else [values]:
+                members.setdefault((key, str(value)), []).append(i)
+    rows = []
+    for (key, value), sub in sorted(members.items()):
+        res = metrics.compute(task.metric, [records[i]["prediction"] for i in sub],
+                              [records[i]["sample"].target for i in sub], **options)
+        group = f"{key}={value}"
+        rows += [{"split": f"{split}|{group}", "group": group, "metric": name, "value": v, "baseline": None,
+                  "n": len(sub)} for name, v in res.values.items()]
+    return rows
 
 
 def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch_size: int, limit: int | None,
@@ -238,7 +258,8 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
                 common = {**common, "params_activated": p["activated"], "params_detail": p}
         stamp = results.utc_now()
         rows = [{**common, **timing, **r, "task": task.name, "dataset": src.name, "dataset_hash": data_hash,
-                 "task_version": task.version, "normalizer": task.normalizer or None, "extra": extra,
+                 "task_version": task.version, "normalizer": task.normalizer or None, "protocol": task.protocol,
+                 "extra": extra,
                  "timestamp": stamp}
                 for r in metric_rows]
         all_rows += rows

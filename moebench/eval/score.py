@@ -46,12 +46,19 @@ def read_predictions(path: Path) -> list[dict]:
 
 
 def score_predictions(task_name: str, predictions: Path, *, data_root: Path, data_name: str, data_hash: str | None,
-                      results_dir: Path, name: str | None = None, splits: list[str] | None = None) -> list[dict]:
-    """Metric rows for `predictions` on `task_name`; metric and sample rows are appended to results_dir."""
+                      results_dir: Path, name: str | None = None, splits: list[str] | None = None,
+                      protocol: str | None = None) -> list[dict]:
+    """Metric rows for `predictions` on `task_name` (under `protocol`, default the task file's); metric and
+    sample rows are appended to results_dir."""
+    from moebench.eval.metrics import PROTOCOLS
     from moebench.eval.runner import _questions_hash, _target_text, score
     from moebench.eval.tasks import load_samples, load_task
 
     task = load_task(task_name)
+    if protocol:
+        if protocol not in PROTOCOLS:
+            raise UserError(f"--protocol {protocol!r}: choose one of {list(PROTOCOLS)}")
+        task.protocol = protocol
     if splits:
         bad = [s for s in splits if s not in task.splits]
         if bad:
@@ -84,7 +91,7 @@ def score_predictions(task_name: str, predictions: Path, *, data_root: Path, dat
     # The versions installed here: moebench's metrics scored these predictions, whatever produced them.
     versions = results.software_versions()
     rows = [{**r, "run": run, "task": task.name, "dataset": data_name, "dataset_hash": dh,
-             "task_version": task.version, "normalizer": task.normalizer or None, **versions,
+             "task_version": task.version, "normalizer": task.normalizer or None, "protocol": task.protocol, **versions,
              "extra": {"scored_file": str(predictions), "missing_predictions": missing}, "timestamp": stamp}
             for r in metric_rows]
     results.append_rows(results_dir, "metrics", run, rows)

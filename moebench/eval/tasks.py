@@ -39,6 +39,9 @@ class TaskConfig:
     download: str = ""  # what to fetch and where to put it, shown when a file is missing
     annotations: str = ""  # VQAv2: the annotations file ({split} replaced), beside `questions`
     ocr: bool = False  # TextVQA: add "Reference OCR token: ..." to the prompt, as LLaVA-1.5 does
+    # whose scoring the numbers follow: llava (LLaVA-1.5 / MoE-LLaVA's eval scripts), official (the dataset
+    # authors' scripts) or lmms_eval; every row names it (moebench.eval.metrics.PROTOCOLS)
+    protocol: str = "llava"
     # vision tasks (a vision recipe's heads): `head` cls (metric classification: top1 / top5) or seg
     # (metric segmentation: mIoU / mAcc / aAcc); their loader is one of moebench.vision.data.VISION_LOADERS,
     # `splits` are evaluated and `train_split` is what a vision recipe's stages learn from
@@ -58,6 +61,9 @@ class Sample:
     image: Path
     question: str
     target: str | list[str]  # one answer, or VQA's 10 annotator answers
+    # the official breakdowns the sample belongs to, e.g. {"answer_type": "yes/no"} (VQAv2),
+    # {"type": "binary"} (GQA), {"subject": ..., "context": ["IMG", "TXT"]} (ScienceQA; a list: several)
+    groups: dict = field(default_factory=dict)
 
 
 def task_names() -> list[str]:
@@ -100,6 +106,10 @@ def load_task(name_or_path: str) -> TaskConfig:
     if task.head:
         _check_vision_task(task, path)
         return task
+    from moebench.eval.metrics import PROTOCOLS
+
+    if task.protocol not in PROTOCOLS:
+        raise UserError(f"task {path}: protocol={task.protocol!r}; choose one of {list(PROTOCOLS)}")
     LOADERS.get(task.loader)
     from moebench.eval.metrics import get_metric
 
@@ -181,7 +191,9 @@ def _gqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
         image = images / f"{q['imageId']}.jpg"
         if not image.exists() and (images / f"{q['imageId']}.png").exists():
             image = images / f"{q['imageId']}.png"
-        out.append(Sample(str(qid), split, image, q["question"], q["answer"]))
+        structural = (q.get("types") or {}).get("structural")
+        groups = {"type": "open" if structural == "query" else "binary"} if structural else {}  # GQA's eval.py
+        out.append(Sample(str(qid), split, image, q["question"], q["answer"], groups))
     return out
 
 
@@ -193,6 +205,7 @@ def _vqav2(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     qs = _read_json(root / task.questions.format(split=split), task)["questions"]
     anns = _read_json(root / task.annotations.format(split=split), task)["annotations"]
     answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in anns}
+    types = {a["question_id"]: a["answer_type"] for a in anns if a.get("answer_type")}
     names = _coco_file_names(root / "annotations" / f"instances_{split}.json")
     images, out = root / task.images, []
     for q in qs:
@@ -200,7 +213,9 @@ def _vqav2(task: TaskConfig, root: Path, split: str) -> list[Sample]:
             raise UserError(f"{task.annotations.format(split=split)}: question {q['question_id']} has no annotation; "
                             "use the annotations file that matches the questions file")
         name = names.get(q["image_id"], f"COCO_{split}_{q['image_id']:012d}.jpg")
-        out.append(Sample(str(q["question_id"]), split, images / name, q["question"], answers[q["question_id"]]))
+        qid = q["question_id"]
+        out.append(Sample(str(qid), split, images / name, q["question"], answers[qid],
+                          {"answer_type": types[qid]} if qid in types else {}))
     return out
 
 
@@ -245,8 +260,11 @@ def _scienceqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
         letters = "ABCDE"[: len(p["choices"])]
         lines = ([f"Context: {p['hint']}"] if p.get("hint") else []) + [p["question"]]
         lines += [f"{letter}. {choice}" for letter, choice in zip(letters, p["choices"])]
+        # the official breakdowns (ScienceQA's evaluations.py): subject, and context modality, where an
+        # image problem with a hint counts as both TXT and IMG
+        groups = {"subject": p.get("subject", ""), "context": ["IMG", "TXT"] if p.get("hint") else ["IMG"]}
         out.append(Sample(pid, split, root / task.images / split / pid / p["image"], "\n".join(lines),
-                          letters[p["answer"]]))
+                          letters[p["answer"]], groups))
     return out
 
 
