@@ -309,3 +309,93 @@ def test_breakdown_rows_gqa_binary_open_and_scienceqa_context():
     acc = {r.get("group"): r["value"] for r in rows if r["metric"] == "accuracy"}
     assert acc == {None: 0.5, "context=IMG": 0.5, "context=TXT": 1.0, "subject=natural science": 1.0,
                    "subject=social science": 0.0}
+
+
+def test_mme_parse_and_scores_hand_worked():
+    """calculation.py's rules: "yes"/"no" in the first four characters; per subtask 100 x (acc + acc+)."""
+    from pathlib import Path
+
+    from moebench.eval.metrics import mme_parse, mme_scores
+    from moebench.eval.tasks import Sample
+
+    assert [mme_parse(x) for x in ("Yes", "No, there is not.", "yes.", "I think yes", " NO")] == \
+        ["yes", "no", "yes", "other", "no"]
+
+    def s(sub, image):
+        return Sample("q", "perception", Path(image), "q", "", {"subtask": sub})
+
+    samples = [s("existence", "1.jpg"), s("existence", "1.jpg"), s("existence", "2.jpg"), s("existence", "2.jpg"),
+               s("count", "3.jpg"), s("count", "3.jpg")]
+    targets = ["yes", "no", "yes", "no", "yes", "no"]
+    preds = ["Yes", "No", "Yes", "Yes", "No", "Yes"]  # existence: 3 of 4, image 1 both; count: none
+    r = mme_scores(preds, targets, samples)
+    assert r.values["score"] == pytest.approx(100 * (0.75 + 0.5) + 0)
+    assert r.scores == [1, 1, 1, 0, 0, 0]
+
+
+def test_mmbench_circular_hand_worked():
+    """A model that always answers "A": right in the one rotation that puts the answer at A, so the
+    circular accuracy is 0 while the vanilla (first pass) accuracy counts that pass when it is the first."""
+    from pathlib import Path
+
+    from moebench.eval.metrics import mmbench_circular, mmbench_parse
+    from moebench.eval.tasks import Sample
+
+    opts = {"A": "cat", "B": "dog", "C": "bird"}
+    assert [mmbench_parse(x, opts) for x in ("B", "(C) bird", "The answer is A.", "a dog", "A or B")] == \
+        ["B", "C", "A", "B", None]
+    rotations = [{"A": "cat", "B": "dog", "C": "bird"}, {"A": "dog", "B": "bird", "C": "cat"},
+                 {"A": "bird", "B": "cat", "C": "dog"}]
+    samples = [Sample(f"1/{r}", "dev", Path("x"), "q", "", {"item": "1", "rotation": r, "options": o})
+               for r, o in enumerate(rotations)]
+    targets = ["A", "C", "B"]  # "cat" in each rotation
+    r = mmbench_circular(["A", "A", "A"], targets, samples)
+    assert r.values == {"accuracy": 0.0, "vanilla": 1.0}
+    assert mmbench_circular(["A", "C", "B"], targets, samples).values["accuracy"] == 1.0
+
+
+def test_mme_and_mmbench_files_score_through_moebench_score(tmp_path, capsys):
+    """The released layouts (MME's per-subtask folders, MMBench's TSV with base64 images) load and score."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    from conftest import run_cli
+    from moebench import results
+    from moebench.eval.metrics import MME_COGNITION, MME_PERCEPTION
+
+    base = tmp_path / "MME_Benchmark_release_version"
+    for sub in (*MME_PERCEPTION, *MME_COGNITION):
+        (base / sub).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(base / sub / "img1.jpg")
+        (base / sub / "img1.txt").write_text("Is there a cat? Please answer yes or no.\tYes\n"
+                                            "Is there a dog? Please answer yes or no.\tNo\n")
+    preds = tmp_path / "mme.jsonl"  # every answer "Yes": half right, no image with both right
+    lines = [{"question_id": f"{sub}/img1/{k}", "answer": "Yes"} for sub in (*MME_PERCEPTION, *MME_COGNITION)
+             for k in (0, 1)]
+    preds.write_text("\n".join(json.dumps(x) for x in lines))
+    code, _, err = run_cli(["score", "--task", "mme", "--predictions", preds, "--data", tmp_path,
+                            "--results", tmp_path / "res"], capsys)
+    assert code == 0, err
+    rows = {(r["split"], r["metric"]): r for r in results.read_rows([tmp_path / "res"], "metrics")}
+    assert rows[("perception", "score")]["value"] == pytest.approx(10 * 50.0)
+    assert rows[("cognition", "score")]["value"] == pytest.approx(4 * 50.0)
+    assert rows[("perception|subtask=OCR", "score")]["value"] == pytest.approx(50.0)
+    assert rows[("perception", "score")]["protocol"] == "official"
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    img = base64.b64encode(buf.getvalue()).decode()
+    (tmp_path / "mmbench").mkdir()
+    (tmp_path / "mmbench" / "mmbench_dev_20230712.tsv").write_text(
+        "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
+        f"7\tWhich animal?\tnan\tcat\tdog\tnan\tnan\tA\tobject\t{img}\n")
+    preds = tmp_path / "mmb.jsonl"
+    preds.write_text('{"question_id": "7/0", "answer": "A"}\n{"question_id": "7/1", "answer": "B"}\n')
+    code, _, err = run_cli(["score", "--task", "mmbench", "--predictions", preds, "--data", tmp_path,
+                            "--results", tmp_path / "res2"], capsys)
+    assert code == 0, err
+    rows = {(r["split"], r["metric"]): r["value"] for r in results.read_rows([tmp_path / "res2"], "metrics")}
+    assert rows[("dev", "accuracy")] == 1.0 and rows[("dev|category=object", "accuracy")] == 1.0

@@ -293,6 +293,79 @@ def m4c_score(prediction: str, answers: VQATarget) -> float:
 
 PROTOCOLS = ("llava", "official", "lmms_eval")
 
+# --------------------------------------------------------------------------------------------- MME
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
+                  "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_parse(text: str) -> str:
+    """MME's `calculation.py` parse_pred_ans: lower-case, strip, drop '.'; "yes" / "no" as they are, else
+    "yes" or "no" if it occurs in the first four characters (yes first), else "other" (always wrong)."""
+    text = text.lower().strip().replace(".", "")
+    if text in ("yes", "no"):
+        return text
+    head = text[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def mme_scores(preds: Sequence[str], targets: Sequence[str], samples: Sequence) -> MetricResult:
+    """MME (Fu et al. 2023, its eval_tool/calculation.py): per subtask, acc = questions answered right /
+    questions and acc+ = images whose two questions are both right / images; the subtask's score is
+    100 x (acc + acc+), and a category's score the sum over its subtasks (perception: 10, cognition: 4;
+    2000 and 800 at most). Values: `score` (the sum over the subtasks present), `acc`, `acc_plus` (means
+    over the subtasks present)."""
+    _check_lengths(preds, targets, "mme")
+    scores = [float(mme_parse(p) == t.strip().lower()) for p, t in zip(preds, targets)]
+    by_task: dict[str, dict[str, list[float]]] = {}
+    for sample, sc in zip(samples, scores):
+        by_task.setdefault(sample.groups["subtask"], {}).setdefault(str(sample.image), []).append(sc)
+    accs, pluses = [], []
+    for images in by_task.values():
+        flat = [x for v in images.values() for x in v]
+        accs.append(sum(flat) / len(flat))
+        pluses.append(sum(all(v) for v in images.values()) / len(images))
+    n = len(by_task) or 1
+    return MetricResult({"score": 100 * (sum(accs) + sum(pluses)), "acc": sum(accs) / n, "acc_plus": sum(pluses) / n},
+                        scores)
+
+
+# ------------------------------------------------------------------------------------------ MMBench
+
+MMBENCH_LETTERS = ("A", "B", "C", "D")
+NOT_BREAKDOWNS = ("options", "item", "rotation")  # Sample.groups entries a metric reads, not official breakdowns
+
+
+def mmbench_parse(text: str, options: dict[str, str]) -> str | None:
+    """The option a free-form answer names, as MMBench's matching step (VLMEvalKit `can_infer`): a single
+    option letter standing alone ("B", "B.", "(B) cat", "The answer is B"); else the one option whose text
+    the answer contains; else None (wrong; the official toolkit would ask an LLM, which moebench does not)."""
+    tokens = re.findall(r"[A-Za-z]+", text.replace("(", " ").replace(")", " "))
+    letters = {t for t in tokens if t in options}
+    if len(letters) == 1:
+        return letters.pop()
+    low = text.lower()
+    hits = [k for k, v in options.items() if v and v.lower() in low]
+    return hits[0] if len(hits) == 1 else None
+
+
+def mmbench_circular(preds: Sequence[str], targets: Sequence[str], samples: Sequence) -> MetricResult:
+    """MMBench's circular evaluation (Liu et al. 2023): each question is asked once per rotation of its
+    options (N options: N passes, the correct option in each place) and counts as right only if every
+    pass is; `accuracy` over questions, `vanilla` over the first passes alone (no rotation)."""
+    _check_lengths(preds, targets, "mmbench_circular")
+    scores = [float(mmbench_parse(p, s.groups["options"]) == t) for p, t, s in zip(preds, targets, samples)]
+    items: dict[str, list[float]] = {}
+    first: dict[str, float] = {}
+    for s, sc in zip(samples, scores):
+        items.setdefault(s.groups["item"], []).append(sc)
+        if s.groups["rotation"] == 0:
+            first[s.groups["item"]] = sc
+    circular = [float(all(v)) for v in items.values()]
+    return MetricResult({"accuracy": _div(sum(circular), len(circular)),
+                         "vanilla": _div(sum(first.values()), len(first))}, scores)
+
 
 def vqa_accuracy(preds: Sequence[str], targets: Sequence[VQATarget]) -> tuple[float, list[float]]:
     """VQA accuracy (Antol et al. 2015; VQAv2, VizWiz): the mean of `vqa_score` over questions.
@@ -416,6 +489,16 @@ def _vqa_accuracy(preds: Sequence[str], targets: Sequence[VQATarget], protocol: 
         preds = [m4c_normalize(p) for p in preds]
     accuracy, scores = vqa_accuracy(preds, targets)
     return MetricResult({"accuracy": accuracy}, scores)
+
+
+@METRICS.register("mme")
+def _mme(preds: Sequence[str], targets: Sequence[str], samples: Sequence = ()) -> MetricResult:
+    return mme_scores(preds, targets, samples)
+
+
+@METRICS.register("mmbench_circular")
+def _mmbench(preds: Sequence[str], targets: Sequence[str], samples: Sequence = ()) -> MetricResult:
+    return mmbench_circular(preds, targets, samples)
 
 
 @METRICS.register("multiple_choice")

@@ -168,8 +168,9 @@ def score(task: TaskConfig, records: list[dict]) -> tuple[list[dict], list[float
     for split, idx in by_split.items():
         preds = [records[i]["prediction"] for i in idx]
         targets = [records[i]["sample"].target for i in idx]
-        res = metrics.compute(task.metric, preds, targets, **options)
-        base = metrics.baseline_values(task.metric, targets, **options)
+        samples = [records[i]["sample"] for i in idx]
+        res = metrics.compute(task.metric, preds, targets, samples=samples, **options)
+        base = metrics.baseline_values(task.metric, targets, samples=samples, **options)
         for i, s in zip(idx, res.scores):
             scores[i] = s
         per_split_values.append((res.values, base))
@@ -192,12 +193,15 @@ def _breakdowns(task: TaskConfig, records: list[dict], idx: list[int], split: st
     members: dict[tuple[str, str], list[int]] = {}
     for i in idx:
         for key, values in records[i]["sample"].groups.items():
+            if key in metrics.NOT_BREAKDOWNS:
+                continue
             for value in values if isinstance(values, list) else [values]:
                 members.setdefault((key, str(value)), []).append(i)
     rows = []
     for (key, value), sub in sorted(members.items()):
         res = metrics.compute(task.metric, [records[i]["prediction"] for i in sub],
-                              [records[i]["sample"].target for i in sub], **options)
+                              [records[i]["sample"].target for i in sub],
+                              samples=[records[i]["sample"] for i in sub], **options)
         group = f"{key}={value}"
         rows += [{"split": f"{split}|{group}", "group": group, "metric": name, "value": v, "baseline": None,
                   "n": len(sub)} for name, v in res.values.items()]
@@ -331,7 +335,10 @@ def _questions_hash(task: TaskConfig, root: Path) -> str:
 
     h = hashlib.sha256()
     for split in task.splits:
-        h.update(file_hash(root / task.questions.format(split=split)).encode())
+        path = root / task.questions.format(split=split)
+        files = sorted(p for p in path.rglob("*.txt")) if path.is_dir() else [path]  # MME: a folder of .txt
+        for f in files:
+            h.update(file_hash(f).encode())
     return h.hexdigest()[:16]
 
 

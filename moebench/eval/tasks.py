@@ -268,5 +268,63 @@ def _scienceqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     return out
 
 
+@LOADERS.register("mme")
+def _mme(task: TaskConfig, root: Path, split: str) -> list[Sample]:
+    """MME's release (MME_Benchmark_release_version/<subtask>/): per image a <stem>.txt of two lines
+    "question<TAB>Yes|No", beside the image or in questions_answers_YN/ with the images in images/.
+    Split `perception` or `cognition` (its subtasks: moebench.eval.metrics.MME_PERCEPTION / _COGNITION)."""
+    from moebench.eval.metrics import MME_COGNITION, MME_PERCEPTION
+
+    base, out = root / task.questions, []
+    for sub in {"perception": MME_PERCEPTION, "cognition": MME_COGNITION}[split]:
+        folder = base / sub
+        if not folder.is_dir():
+            raise MissingFile(folder, f"MME subtask {sub}", task.download or "")
+        qa = folder / "questions_answers_YN" if (folder / "questions_answers_YN").is_dir() else folder
+        images = folder / "images" if (folder / "images").is_dir() else folder
+        for txt in sorted(qa.glob("*.txt")):
+            image = next((images / f"{txt.stem}{ext}" for ext in (".jpg", ".png", ".jpeg")
+                          if (images / f"{txt.stem}{ext}").is_file()), images / f"{txt.stem}.jpg")
+            for k, line in enumerate(x for x in txt.read_text().splitlines() if x.strip()):
+                question, answer = line.rsplit("\t", 1)
+                out.append(Sample(f"{sub}/{txt.stem}/{k}", split, image, question.strip(), answer.strip().lower(),
+                                  {"subtask": sub}))
+    return out
+
+
+@LOADERS.register("mmbench")
+def _mmbench(task: TaskConfig, root: Path, split: str) -> list[Sample]:
+    """MMBench's TSV (index, question, hint, A-D, answer, category, image as base64): one sample per
+    rotation of each question's options (circular evaluation), prompt as LLaVA's: [hint\n]question\nA. ...
+    The images are decoded once into the moebench cache."""
+    import base64
+    import csv
+    import hashlib
+    import os
+
+    path = _require(root / task.questions.format(split=split), task)
+    cache = Path(os.environ.get("MOEBENCH_CACHE") or Path.home() / ".cache" / "moebench") / "mmbench"
+    cache = cache / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    cache.mkdir(parents=True, exist_ok=True)
+    out = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            options = {k: row[k] for k in "ABCD" if row.get(k) and row[k] != "nan"}
+            image = cache / f"{row['index']}.jpg"
+            if not image.is_file():
+                image.write_bytes(base64.b64decode(row["image"]))
+            letters, texts = list(options), list(options.values())
+            answer_text = options[row["answer"].strip()]
+            for rot in range(len(texts)):
+                shown = dict(zip(letters, texts[rot:] + texts[:rot]))
+                lines = ([row["hint"]] if row.get("hint") and row["hint"] != "nan" else []) + [row["question"]]
+                lines += [f"{k}. {v}" for k, v in shown.items()]
+                target = next(k for k, v in shown.items() if v == answer_text)
+                out.append(Sample(f"{row['index']}/{rot}", split, image, "\n".join(lines), target,
+                                  {"category": row.get("category", ""), "item": row["index"], "rotation": rot,
+                                   "options": shown}))
+    return out
+
+
 def _qid_order(qid: str):
     return (0, int(qid), "") if str(qid).isdigit() else (1, 0, str(qid))
