@@ -447,6 +447,31 @@ def _b(n: int) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
+@bench_app.command("gpu")
+def bench_gpu(
+    device: str = typer.Option("cuda", help="cuda, or cpu (with --tiny: the same code at tiny sizes)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny sizes: checks the command, measures nothing useful."),
+    results: Path = RESULTS,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """The GPU path in one command: the MoE layer at MoE-LLaVA-2B size, a moe_llava_2b training step at full
+    width (tokens/s, MFU, peak memory), batched generation of dense / MoE / RoE models (samples/s, TTFT,
+    TPOT). Rows to RESULTS/bench-gpu-<device>/, a markdown table beside them."""
+    import torch
+
+    from moebench.gpubench import bench_gpu as run_bench, markdown
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here; use --device cpu --tiny to check the command")
+    if device == "cpu" and not tiny:
+        raise UserError("--device cpu runs the full sizes for hours; add --tiny")
+    r = run_bench(device, tiny, results)
+    if as_json:
+        print(json.dumps(r, indent=1, default=str))
+    else:
+        out.print(markdown(r))
+
+
 for _variant in variants.VARIANTS.values():  # each variant's own benchmarks (`bench moe-layer`, `bench roe`, ...)
     for _name, _command in _variant.commands.items():
         bench_app.command(_name)(_command)

@@ -103,3 +103,23 @@ def test_help_is_instant_and_lists_commands(capsys):
     assert code == 0
     for cmd in ("train", "eval", "validate", "report", "data", "ls"):
         assert cmd in out
+
+
+def test_bench_gpu_runs_at_tiny_sizes_on_cpu(tmp_path, capsys):
+    """`moebench bench gpu --device cpu --tiny`: the GPU benchmark's code at tiny sizes, so it cannot rot
+    unnoticed: MoE layer ratios, a training step, generation of the dense / MoE / RoE models, rows and a
+    markdown table."""
+    from conftest import run_cli
+    from moebench import results
+
+    code, out, err = run_cli(["bench", "gpu", "--device", "cpu", "--tiny", "--results", tmp_path], capsys)
+    assert code == 0, err
+    rows = results.read_rows([tmp_path], "metrics")
+    tasks = {r["task"] for r in rows}
+    assert tasks == {"bench/moe_layer", "bench/train", "bench/eval"}
+    evals = {r["split"] for r in rows if r["task"] == "bench/eval"}
+    assert evals == {f"{v}/batch{b}" for v in ("dense", "moe", "roe") for b in (1, 2)}
+    assert all(r["value"] > 0 for r in rows)
+    assert (tmp_path / "bench-gpu-cpu-tiny" / "bench-gpu.md").read_text().startswith("# moebench bench gpu")
+    code, _, err = run_cli(["bench", "gpu", "--device", "cpu"], capsys)
+    assert code == 2 and "--tiny" in err
