@@ -185,3 +185,34 @@ def test_shortcut_equals_its_definition_with_gradients(tokenizer, mode):
     (gw_fast,) = torch.autograd.grad(fast, w, g)
     (gw_ref,) = torch.autograd.grad(ref, w, g)
     assert torch.allclose(gw_fast.float(), gw_ref.float(), atol=0.1 if bf16 else 1e-5)  # entries up to ~14
+
+
+def test_decoder_share_counts_the_time_inside_the_layers():
+    """f from the hooks: a model whose layers sleep 20 ms each and whose call sleeps 20 ms outside them has
+    f = 2/3 (two layers) within timing noise."""
+    import time as _time
+
+    from torch import nn
+
+    from moebench.roe.bench import decoder_share
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            _time.sleep(0.02)
+            return x
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.llm = nn.Module()
+            self.llm.model = nn.Module()
+            self.llm.model.layers = nn.ModuleList([Slow(), Slow()])
+
+    m = M()
+
+    def call():
+        _time.sleep(0.02)
+        for layer in m.llm.model.layers:
+            layer(torch.zeros(1))
+
+    assert decoder_share(m, call, torch.device("cpu")) == pytest.approx(2 / 3, abs=0.08)

@@ -185,6 +185,8 @@ def test_roe_recipe_trains_and_reports_skips_and_measured_params(capsys, tmp_pat
         assert x["roe_ms_per_sample"] == pytest.approx(x["prefill_ms_per_sample"]["roe"]
                                                        + x["decode_ms_per_sample"]["roe"])
         assert x["bound_1_minus_0.7s"] == pytest.approx(1 - 0.7 * b["skip_ratio_all_layers"])
+        assert 0 < x["decoder_share_f"] < 1  # the decoder layers are part of the LM's time, not all of it
+        assert x["bound_1_minus_f_s"] == pytest.approx(1 - x["decoder_share_f"] * b["skip_ratio_all_layers"])
 
 
 def test_interrupted_eval_resumes_without_recomputing(tiny_run, tmp_path, monkeypatch):

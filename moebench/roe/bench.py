@@ -7,14 +7,48 @@ layer runs, no routing tokens: the dense parent's computation). A round is one p
 the ratio is of the rounds' median times, and each round's own ratio is kept too. Times cover the
 LLM's prefill and decoding: the image features (vision tower and projector, the same in both) are
 computed beforehand. The measured skip ratio s is the share of all decoder layers skipped, averaged
-over examples.
+over examples; f, the share of the dense computation's time spent in decoder layers (timed by hooks,
+per batch size), makes 1 - f x s the best ratio skipping can reach.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
+
+
+def decoder_share(model, call, device: torch.device) -> float:
+    """f: the share of one `call()`'s wall time spent inside the LM's decoder layers, timed by forward
+    pre- and post-hooks on each layer (CUDA-synchronised): skipping a share s of the layers can save at
+    most f x s of the time."""
+    spent, started = [0.0], {}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def pre(module, args):
+        sync()
+        started[id(module)] = time.perf_counter()
+
+    def post(module, args, output):
+        sync()
+        spent[0] += time.perf_counter() - started.pop(id(module))
+
+    layers = list(model.llm.model.layers)
+    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(pre), layer.register_forward_hook(post))]
+    try:
+        sync()
+        t0 = time.perf_counter()
+        call()
+        sync()
+        total = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    return spent[0] / total if total else 0.0
 
 
 def bench_roe(run, *, task: str = "gqa", limit: int = 64, batch_sizes=(1, 8), max_new_tokens: int = 4,
@@ -61,6 +95,9 @@ def bench_roe(run, *, task: str = "gqa", limit: int = 64, batch_sizes=(1, 8), ma
     out["skip_ratio_all_layers"] = s
     out["skip_ratio_routable_layers"] = skipped / len(layers)
     n = len(prompts)
+    f_by_bs = {}
+    for bs in batch_sizes:  # f of the dense computation at each batch size (all prompts once)
+        f_by_bs[bs] = decoder_share(model, lambda: [generate("dense", i, bs) for i in range(0, n, bs)], dev)
     for bs in batch_sizes:
         rounds = {m: {"total": [], "prefill": [], "decode": []} for m in ("roe", "dense")}
         for r in range(repeats):
@@ -81,6 +118,7 @@ def bench_roe(run, *, task: str = "gqa", limit: int = 64, batch_sizes=(1, 8), ma
             "roe_ms_per_sample": 1000 * med["roe"]["total"], "dense_ms_per_sample": 1000 * med["dense"]["total"],
             "ratio": med["roe"]["total"] / med["dense"]["total"], "ratio_paired_median": statistics.median(paired),
             "rounds_under_bound": sum(x <= 1 - 0.7 * s for x in paired), "rounds": repeats,
+            "decoder_share_f": f_by_bs[bs], "bound_1_minus_f_s": 1 - f_by_bs[bs] * s,
             "prefill_ms_per_sample": {m: 1000 * med[m]["prefill"] for m in med},
             "decode_ms_per_sample": {m: 1000 * med[m]["decode"] for m in med},
             "bound_1_minus_0.7s": 1 - 0.7 * s,
