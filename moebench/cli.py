@@ -459,7 +459,7 @@ def bench_gpu(
     TPOT). Rows to RESULTS/bench-gpu-<device>/, a markdown table beside them."""
     import torch
 
-    from moebench.gpubench import bench_gpu as run_bench, markdown
+    from moebench.variants.gpu_bench import bench_gpu as run_bench, markdown
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here; use --device cpu --tiny to check the command")

@@ -6,6 +6,7 @@
     roe    RoE: layers skipped per example                moebench/variants/roe.py
     vimoe  ViMoE: a ViT's block MLPs upcycled (vision)    moebench/variants/vimoe.py
 
+gpu_bench.py is `moebench bench gpu`, which builds the dense, MoE and RoE models side by side.
 `register` adds one (a test file may define its own, tests/test_toy_variant.py); `chain(name)` is the
 list that config (stage keys), the pipeline (transforms, losses, the stage loop's hooks), the evaluator
 (counters) and the checkpoint code (model.json entries) call in order. The order of registration is the
