@@ -552,7 +552,7 @@ def test_eval_takes_a_native_qwen3_vl_moe_checkpoint_as_it_is(tmp_path, capsys):
     assert row["params_total"] == sum(p.numel() for p in model.parameters())
     load = json.loads(row["extra"])["expert_load"]
     assert sorted(load) == ["0", "1"] and all(abs(sum(v) - 1) < 1e-9 for v in load.values())
-    assert row["ttft_ms"] > 0 and row["tpot_ms"] > 0 and row["n"] == 4
+    assert row["ttft_ms"] > 0 and row["tpot_ms"] > 0 and row["n"] == 4 and row["protocol"] == "llava"
     # the samples table holds the model's own greedy answers
     processor = AutoProcessor.from_pretrained(tmp_path / "Qwen3-VL-tiny-A1B")
     processor.tokenizer.padding_side = "left"

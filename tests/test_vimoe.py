@@ -112,7 +112,7 @@ def test_vision_recipes_train_through_the_common_pipeline(tmp_path, capsys):
     assert by["vimoe_shapes_shared"]["params_activated"] > by["vimoe_shapes"]["params_activated"]  # + shared expert
     assert all(0 <= r["value"] <= 1 and r["samples_per_s"] > 0 and r["latency_ms"] > 0 for r in rows)
     assert all(r["ttft_ms"] is None and r["tpot_ms"] is None and r["dtype"] == "float32" for r in rows)
-    assert all(r["task_version"] == 1 and r["n"] == 900 for r in rows)
+    assert all(r["task_version"] == 1 and r["n"] == 900 and r["protocol"] == "official" for r in rows)
     assert sorted(json.loads(by["vimoe_shapes"]["extra"])["expert_load"]) == ["2", "3"]
     # majority: the share of the most frequent class among the world's val labels
     from collections import Counter

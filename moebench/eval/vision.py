@@ -125,6 +125,7 @@ def evaluate_vision(run, model, tasks: list, src: DataSource, *, batch_size: int
         stamp = results.utc_now()
         rows = [{**common, **timing, **r, "task": task.name, "dataset": src.name,
                  "dataset_hash": src.hash or None, "task_version": task.version, "normalizer": None,
+                 "protocol": task.protocol,
                  "extra": extra or None, "timestamp": stamp} for r in metric_rows]
         all_rows += rows
         results.append_rows(results_dir, "metrics", run.name, rows)

@@ -178,7 +178,7 @@ def evaluate_native(path: Path, task_names: list[str], *, data: str | None, batc
                   "peak_mem_mb": _peak_memory_mb(device)}
         stamp = results.utc_now()
         rows = [{**common, **timing, **r, "task": task.name, "dataset": src.name, "dataset_hash": src.hash or None,
-                 "task_version": task.version, "normalizer": task.normalizer or None,
+                 "task_version": task.version, "normalizer": task.normalizer or None, "protocol": task.protocol,
                  "extra": counter.extra() or None, "timestamp": stamp} for r in metric_rows]
         all_rows += rows
         results.append_rows(results_dir, "metrics", name, rows)
