@@ -567,3 +567,45 @@ def test_eval_takes_a_native_qwen3_vl_moe_checkpoint_as_it_is(tmp_path, capsys):
     assert samples[s.question_id]["prediction"] == processor.tokenizer.decode(want, skip_special_tokens=True).strip()
     code, _, err = run_cli(["convert", tmp_path / "Qwen3-VL-tiny-A1B", tmp_path / "x"], capsys)
     assert code == 2 and "evaluates as it is" in err
+
+
+def test_eval_takes_a_native_aria_checkpoint_as_it_is(tmp_path, capsys):
+    """Aria (an MoE VLM whose router is named `router` and whose shared experts always run) through the same
+    path: 2 of 4 routed experts counted as active, the shared experts in full."""
+    from transformers import (AriaConfig, AriaForConditionalGeneration, AriaImageProcessor, AriaProcessor,
+                              PreTrainedTokenizerFast)
+
+    from moebench import results
+    from moebench.config import WorldConfig
+    from moebench.data.sources import resolve
+    from moebench.models.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(["Is there a red circle in the image? yes no", "user assistant"], 300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|img|>", "<|im_start|>", "<|im_end|>"]})
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, pad_token="<pad>", eos_token="</s>",
+                                  unk_token="<unk>", extra_special_tokens={"image_token": "<|img|>"})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == "
+                "'image' %}<|img|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    processor = AriaProcessor(image_processor=AriaImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3),
+                              tokenizer=tok, chat_template=template, size_conversion={490: 8, 980: 8})
+    config = AriaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=490, patch_size=14),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, moe_num_experts=4,
+                         moe_topk=2, moe_num_shared_experts=1, max_position_embeddings=1024),
+        projector_patch_to_query_dict={1225: 8, 4900: 8}, image_token_id=tok.image_token_id)
+    model = AriaForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "Aria-tiny")
+    processor.save_pretrained(tmp_path / "Aria-tiny")
+    root = resolve("shapes", WorldConfig(image_size=32, grid=4, n_train=200, n_val=900), progress=False).root
+    code, _, err = run_cli(["eval", "--model", tmp_path / "Aria-tiny", "--tasks", "gqa", "--limit", "2",
+                            "--batch-size", "1", "--data", root, "--results", tmp_path / "res", "--no-progress"], capsys)
+    assert code == 0, err
+    (row,) = [r for r in results.read_rows([tmp_path / "res"], "metrics") if r["metric"] == "exact_match"
+              and not r["group"]]
+    routed = sum(p.numel() for layer in model.model.language_model.layers for p in layer.mlp.experts.parameters())
+    assert row["variant"] == "moe" and row["params_total"] - row["params_activated"] == routed // 2
+    assert sorted(json.loads(row["extra"])["expert_load"]) == ["0", "1"]

@@ -1,7 +1,8 @@
 """`moebench eval --model PATH` on a transformers-native VLM, evaluated as it is: its own model class
 (AutoModelForImageTextToText), its processor and chat template, greedy generation through `generate`.
 
-Read today: Qwen3-VL-MoE (`qwen3_vl_moe`, e.g. Qwen3-VL-30B-A3B) and Qwen3-VL (`qwen3_vl`). Its rows are
+Read today: Qwen3-VL-MoE (`qwen3_vl_moe`, e.g. Qwen3-VL-30B-A3B), Qwen3-VL (`qwen3_vl`) and Aria
+(`aria`: its router is named `router`, its shared experts always run). Its rows are
 the same kind as a moebench run's: the task's metrics, parameters total and activated (a sparse block
 activates top_k of its num_experts routed experts), each sparse layer's expert load (counted by a
 forward hook on its router; padding tokens of a batch are routed too and counted), TTFT (prefill up to
@@ -19,7 +20,7 @@ import torch
 
 from moebench.errors import UserError
 
-NATIVE_VLMS = ("qwen3_vl_moe", "qwen3_vl")
+NATIVE_VLMS = ("qwen3_vl_moe", "qwen3_vl", "aria")
 
 
 def _router(m):
