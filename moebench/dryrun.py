@@ -65,17 +65,21 @@ def check_tasks(recipe, root: Path) -> list[str]:
     return lines
 
 
-def _check_vision_tasks(recipe, root: Path) -> list[str]:
-    """Each task's train split (what the stages read) and evaluation splits load."""
+def _check_vision_tasks(recipe, root: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """Each task's train split (what the stages read) and evaluation splits load; returns the lines to
+    print and each head's classes (from the train splits, as training builds the heads)."""
     from moebench.eval.tasks import load_task
     from moebench.vision.data import load_split
 
-    lines = []
+    lines, heads = [], {}
     for name in dict.fromkeys([*recipe.tasks, *recipe.eval_tasks]):
         task = load_task(name)
         for split in dict.fromkeys([task.train_split, *task.splits]):
-            lines.append(f"task {name}: {len(load_split(task, root, split))} images in split {split}")
-    return lines
+            data = load_split(task, root, split)
+            lines.append(f"task {name}: {len(data)} images in split {split}")
+            if split == task.train_split and name in recipe.tasks:
+                heads[task.head] = data.classes
+    return lines, heads
 
 
 def _count(params) -> int:
@@ -85,23 +89,17 @@ def _count(params) -> int:
 def stage_plans(recipe) -> list[dict]:
     """Per stage: parameters total / activated / trainable, tokens per micro-batch, shapes for memory."""
     import torch
-    from transformers import AutoModelForCausalLM, CLIPVisionModel
 
     from moebench import variants
-    from moebench.models.build import PROJECTORS
     from moebench.models.params import count_params
-    from moebench.models.vlm import VLM
-    from moebench.plan import llm_config, vision_config
+    from moebench.plan import assemble_vlm, llm_config, vision_config
     from moebench.train.pipeline import _trainable_parts
 
     lcfg, vcfg = llm_config(recipe), vision_config(recipe)
     chain = variants.chain(recipe.variant)
     out = []
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(lcfg)
-        vision = CLIPVisionModel(vcfg)
-        projector = PROJECTORS.get(recipe.model.projector)(vcfg.hidden_size, lcfg.hidden_size)
-        model = VLM(vision, projector, llm, image_token_id=0, select=recipe.model.vision.select)
+        model = assemble_vlm(recipe, lcfg, vcfg)
         stats = {}
         for i, stage in enumerate(recipe.stages):
             if stage.kind != "clip":
@@ -153,22 +151,17 @@ def memory(plan: dict, precision: str, distributed: str, gpus: int, sdpa: bool =
             "total": (static + act[False]) / GIB, "total_ckpt": (static + act[True]) / GIB}
 
 
-def vision_stage_plans(recipe) -> list[dict]:
-    """A vision recipe's stages: its ViT (and heads) on the meta device, transformed stage by stage."""
+def vision_stage_plans(recipe, heads: dict[str, list[str]]) -> list[dict]:
+    """A vision recipe's stages: its ViT and `heads` (head -> classes) on the meta device, transformed
+    stage by stage."""
+    import dataclasses
+
     import torch
 
     from moebench import variants
     from moebench.eval.vision import vision_params
     from moebench.vision.vit import ViTModel, build_vit
 
-    import dataclasses
-
-    heads = {}
-    from moebench.eval.tasks import load_task
-
-    for name in recipe.tasks:
-        task = load_task(name)
-        heads[task.head] = ["c"] * (150 if task.loader == "ade20k" else 9 if task.head == "seg" else 8)
     out = []
     with torch.device("meta"):
         model = ViTModel(build_vit(dataclasses.replace(recipe.vit, pretrained=None)), heads)
@@ -191,8 +184,8 @@ def dry_run(recipe, gpus: int = 8) -> dict:
 
     src = resolve(recipe.data.source, recipe.data.world, progress=False)
     if recipe.kind == "vision":
-        checks = _check_vision_tasks(recipe, src.root)
-        stages = vision_stage_plans(recipe)
+        checks, heads = _check_vision_tasks(recipe, src.root)
+        stages = vision_stage_plans(recipe, heads)
         final = {"total": stages[-1]["total"], "activated": stages[-1]["activated"]}
     else:
         from moebench.plan import plan as make_plan

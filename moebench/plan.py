@@ -96,24 +96,33 @@ def vision_config(recipe: Recipe):
     return clip_vision_config(v)
 
 
+def assemble_vlm(recipe: Recipe, lcfg, vcfg):
+    """The recipe's VLM, random-initialised from the LLM and tower configs, on the current default device
+    (`with torch.device("meta")`: shapes only)."""
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+    from moebench.models.build import PROJECTORS
+    from moebench.models.vlm import VLM
+
+    llm = AutoModelForCausalLM.from_config(lcfg)
+    vision = CLIPVisionModel(vcfg)
+    projector = PROJECTORS.get(recipe.model.projector)(vcfg.hidden_size, lcfg.hidden_size)
+    return VLM(vision, projector, llm, image_token_id=0, select=recipe.model.vision.select)
+
+
 def plan(recipe: Recipe, text_tokens: int = 128) -> dict:
     """Parameters (total / activated, per part) and FLOPs per token of the recipe's final model: each
     variant of the recipe's chain transforms the meta-device model and says what it did (Variant.plan)."""
     import torch
-    from transformers import AutoModelForCausalLM, CLIPVisionModel
 
     from moebench import variants
-    from moebench.models.build import PROJECTORS
     from moebench.models.params import count_params
-    from moebench.models.vlm import VLM
 
     lcfg, vcfg = llm_config(recipe), vision_config(recipe)
     structure, notes, stats = {}, [], {}
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(lcfg)
-        vision = CLIPVisionModel(vcfg)
-        projector = PROJECTORS.get(recipe.model.projector)(vcfg.hidden_size, lcfg.hidden_size)
-        model = VLM(vision, projector, llm, image_token_id=0, select=recipe.model.vision.select)
+        model = assemble_vlm(recipe, lcfg, vcfg)
+        llm, vision = model.llm, model.vision_tower
         for v in variants.chain(recipe.variant):
             part = v.plan(model, recipe)
             notes.append(part.pop("note", ""))

@@ -271,13 +271,7 @@ def evaluate_run(run: RunInfo, task_names: list[str], *, data: str | None, batch
             continue
         results.append_rows(results_dir, "metrics", run.name, rows)
         if log_samples:
-            results.append_rows(results_dir, "samples", run.name, [
-                {"run": run.name, "task": task.name, "split": r["sample"].split, "question_id": r["sample"].question_id,
-                 "image": str(r["sample"].image.name), "prompt": r["sample"].question + task.prompt_suffix,
-                 "prediction": r["prediction"], "target": _target_text(r["sample"].target), "score": s,
-                 "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"], "prompt_tokens": r["prompt_tokens"],
-                 "output_tokens": r["output_tokens"], "batch_size": r["batch_size"], "timestamp": stamp}
-                for r, s in zip(records, scores)])
+            results.append_rows(results_dir, "samples", run.name, sample_rows(run.name, task, records, scores, stamp))
         for p in [ppath, *_rank_paths(ppath)]:  # the task's rows are written; nothing left to resume
             p.unlink(missing_ok=True)
     parallel.barrier()
@@ -304,6 +298,16 @@ def common_fields(run: RunInfo, model, params: dict, device: torch.device, batch
         "threads": torch.get_num_threads(), "seed": recipe.seed, "git_commit": run.git_commit,
         **results.software_versions(), "recipe": recipe.name, "recipe_hash": run.recipe_hash,
     }
+
+
+def sample_rows(run_name: str, task: TaskConfig, records: list[dict], scores: list[float], stamp: str) -> list[dict]:
+    """The samples-table rows of one task's generated answers."""
+    return [{"run": run_name, "task": task.name, "split": r["sample"].split, "question_id": r["sample"].question_id,
+             "image": str(r["sample"].image.name), "prompt": r["sample"].question + task.prompt_suffix,
+             "prediction": r["prediction"], "target": _target_text(r["sample"].target), "score": s,
+             "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"], "prompt_tokens": r["prompt_tokens"],
+             "output_tokens": r["output_tokens"], "batch_size": r["batch_size"], "timestamp": stamp}
+            for r, s in zip(records, scores)]
 
 
 def _rank_path(ppath: Path, rank: int) -> Path:

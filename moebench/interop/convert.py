@@ -30,6 +30,10 @@ from pathlib import Path
 import torch
 
 from moebench.errors import MissingFile, UserError
+from moebench.interop.export import MOE_NAMES, SELECT
+
+_MOE_NAMES = {theirs: ours for ours, theirs in MOE_NAMES.items()}  # Qwen2-MoE's MoE block children -> ours
+_STRATEGY = {theirs: ours for ours, theirs in SELECT.items()}  # Llava's vision_feature_select_strategy -> ours
 
 FAMILIES = ("qwen2", "llama", "stablelm", "phi")  # dense text models moebench builds (models/build.py)
 NATIVE_MOE = ("qwen3_moe", "olmoe")  # MoE text models kept as transformers builds them, sparse layers swapped
@@ -151,7 +155,7 @@ def _model_config(cfg: dict, image: dict, family: str):
         name="clip", image_size=v.get("image_size", 336), patch_size=v.get("patch_size", 14),
         hidden_size=v.get("hidden_size", 1024), layers=v.get("num_hidden_layers", 24),
         heads=v.get("num_attention_heads", 16), intermediate_size=v.get("intermediate_size", 4096),
-        feature_layer=cfg.get("vision_feature_layer", -2), select="patch" if strategy == "default" else "full",
+        feature_layer=cfg.get("vision_feature_layer", -2), select=_STRATEGY[strategy],
         feature_norm=False, **image)
     llm = LLMConfig(family=family, hidden_size=t["hidden_size"], layers=t["num_hidden_layers"],
                     heads=t["num_attention_heads"], kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
@@ -193,7 +197,7 @@ def _ours(name: str, moe_layers: set[int]) -> str:
         return f"projector.{0 if index == '1' else 2}.{rest}"
     parts = key.replace(".block_sparse_moe.", ".mlp.").split(".")  # Mixtral's name for its MoE block
     if key.startswith("llm.model.layers.") and int(parts[3]) in moe_layers and parts[4] == "mlp" and len(parts) > 5:
-        sub = {"gate": "router", "shared_expert_gate": "shared_gate"}.get(parts[5], parts[5])
+        sub = _MOE_NAMES.get(parts[5], parts[5])
         rest = parts[6:]
         if sub == "experts" and len(rest) == 3:  # Mixtral's experts.<e>.w1 / w3 / w2: gate, up, down
             rest = [rest[0], {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(rest[1], rest[1]), rest[2]]

@@ -27,6 +27,7 @@ import torch
 from moebench.errors import UserError
 
 SELECT = {"patch": "default", "full": "full"}  # moebench VisionConfig.select -> Llava's strategy
+MOE_NAMES = {"router": "gate", "shared_gate": "shared_expert_gate"}  # our MoE block's children -> Qwen2-MoE's
 
 
 def export_blockers(model, meta: dict) -> list[str]:
@@ -133,12 +134,8 @@ def llava_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def _moe_key(rest: list[str]) -> list[str]:
-    """Our MoE block's tensor names under `mlp.` -> Qwen2-MoE's."""
-    if rest[0] == "router":
-        return ["gate", *rest[1:]]
-    if rest[0] == "shared_gate":
-        return ["shared_expert_gate", *rest[1:]]
-    return rest  # experts.gate_up_proj / experts.down_proj / shared_expert.* are named alike
+    """Our MoE block's tensor names under `mlp.` -> Qwen2-MoE's (experts.* and shared_expert.* are named alike)."""
+    return [MOE_NAMES.get(rest[0], rest[0]), *rest[1:]]
 
 
 def export_run(run, out: Path) -> dict:

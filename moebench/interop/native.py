@@ -118,7 +118,7 @@ def evaluate_native(path: Path, task_names: list[str], *, data: str | None, batc
     from moebench import results
     from moebench.config import WorldConfig
     from moebench.data.sources import resolve
-    from moebench.eval.runner import _batches, _device_name, _peak_memory_mb, _task_bar, score
+    from moebench.eval.runner import _batches, _device_name, _peak_memory_mb, _task_bar, sample_rows, score
     from moebench.eval.tasks import load_task, load_samples
 
     tasks = [load_task(t) for t in task_names]
@@ -184,11 +184,5 @@ def evaluate_native(path: Path, task_names: list[str], *, data: str | None, batc
         all_rows += rows
         results.append_rows(results_dir, "metrics", name, rows)
         if log_samples:
-            results.append_rows(results_dir, "samples", name, [
-                {"run": name, "task": task.name, "split": r["sample"].split, "question_id": r["sample"].question_id,
-                 "image": str(r["sample"].image.name), "prompt": r["sample"].question + task.prompt_suffix,
-                 "prediction": r["prediction"], "target": r["sample"].target if isinstance(r["sample"].target, str)
-                 else str(r["sample"].target), "score": sc, "latency_ms": r["latency_ms"], "ttft_ms": r["ttft_ms"],
-                 "prompt_tokens": r["prompt_tokens"], "output_tokens": r["output_tokens"],
-                 "batch_size": r["batch_size"], "timestamp": stamp} for r, sc in zip(records, scores)])
+            results.append_rows(results_dir, "samples", name, sample_rows(name, task, records, scores, stamp))
     return all_rows

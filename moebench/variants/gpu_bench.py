@@ -51,12 +51,8 @@ def _recipe(variant: str):
 
 def build_model(variant: str, size: dict, device: torch.device):
     """A random-weight VLM of the recipe's families: full width (or the tiny widths), reduced depth."""
-    from transformers import AutoModelForCausalLM, CLIPVisionModel
-
     from moebench import variants
-    from moebench.models.build import PROJECTORS
-    from moebench.models.vlm import VLM
-    from moebench.plan import llm_config, vision_config
+    from moebench.plan import assemble_vlm, llm_config, vision_config
 
     recipe, t = _recipe(variant), size["train"]
     lcfg, vcfg = llm_config(recipe), vision_config(recipe)
@@ -69,10 +65,7 @@ def build_model(variant: str, size: dict, device: torch.device):
         vcfg.hidden_size, vcfg.intermediate_size, vcfg.num_attention_heads = t["v_hidden"], t["v_ffn"], t["v_heads"]
         vcfg.image_size, vcfg.patch_size = t["image"], t["patch"]
     torch.manual_seed(0)
-    llm = AutoModelForCausalLM.from_config(lcfg)
-    vision = CLIPVisionModel(vcfg)
-    projector = PROJECTORS.get(recipe.model.projector)(vcfg.hidden_size, lcfg.hidden_size)
-    model = VLM(vision, projector, llm, image_token_id=0, select=recipe.model.vision.select)
+    model = assemble_vlm(recipe, lcfg, vcfg)
     for i, _ in enumerate(recipe.stages):
         for v in variants.chain(recipe.variant):
             v.transform(model, recipe, i)

@@ -46,18 +46,7 @@ class MoE(Variant):
         m = recipe.moe
         if m is None:
             return
-        if m.num_experts < 1:
-            raise UserError(f"moe.num_experts={m.num_experts} must be >= 1")
-        if not 1 <= m.top_k <= m.num_experts:
-            raise UserError(f"moe.top_k={m.top_k} must be between 1 and moe.num_experts={m.num_experts}")
-        for key in ("capacity_factor", "eval_capacity_factor"):
-            cf = getattr(m, key)
-            if cf is not None and cf <= 0:
-                raise UserError(f"moe.{key}={cf} must be > 0 (or null for dropless routing)")
-        if m.aux_loss_coef < 0 or m.z_loss_coef < 0:
-            raise UserError("moe.aux_loss_coef and moe.z_loss_coef must be >= 0")
-        if m.min_capacity < 0:
-            raise UserError(f"moe.min_capacity={m.min_capacity} must be >= 0")
+        check_section(m, "moe")
         if m.expert_size or m.shared_expert_size:
             raise UserError("moe.expert_size / moe.shared_expert_size describe a converted checkpoint's experts; "
                             "a recipe upcycles copies of its FFNs, so leave them unset")
@@ -129,6 +118,22 @@ class MoE(Variant):
         layers = upcycle(model.llm, m, empty=True)
         return {"note": f"{len(layers)} MoE layers x {m.num_experts} experts, top-{m.top_k}",
                 "moe_layers": layers, "experts": m.num_experts, "top_k": m.top_k}
+
+
+def check_section(m, key: str) -> None:
+    """The checks an MoE section (`moe:` or `vimoe:`, named `key` in the messages) needs whatever it upcycles."""
+    if m.num_experts < 1:
+        raise UserError(f"{key}.num_experts={m.num_experts} must be >= 1")
+    if not 1 <= m.top_k <= m.num_experts:
+        raise UserError(f"{key}.top_k={m.top_k} must be between 1 and {key}.num_experts={m.num_experts}")
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        cf = getattr(m, name)
+        if cf is not None and cf <= 0:
+            raise UserError(f"{key}.{name}={cf} must be > 0 (or null for dropless routing)")
+    if m.aux_loss_coef < 0 or m.z_loss_coef < 0:
+        raise UserError(f"{key}.aux_loss_coef and {key}.z_loss_coef must be >= 0")
+    if m.min_capacity < 0:
+        raise UserError(f"{key}.min_capacity={m.min_capacity} must be >= 0")
 
 
 def _section(m) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from moebench.config import moe_layer_indices, to_dict
 from moebench.errors import UserError
 from moebench.variants.base import Counter, Variant
-from moebench.variants.moe import LoadCounter
+from moebench.variants.moe import LoadCounter, check_section
 
 
 class ViMoE(Variant):
@@ -26,14 +26,7 @@ class ViMoE(Variant):
         m = recipe.vimoe
         if m is None:
             return
-        if not 1 <= m.top_k <= m.num_experts:
-            raise UserError(f"vimoe.top_k={m.top_k} must be between 1 and vimoe.num_experts={m.num_experts}")
-        for key in ("capacity_factor", "eval_capacity_factor"):
-            cf = getattr(m, key)
-            if cf is not None and cf <= 0:
-                raise UserError(f"vimoe.{key}={cf} must be > 0 (or null for dropless routing)")
-        if m.aux_loss_coef < 0 or m.z_loss_coef < 0:
-            raise UserError("vimoe.aux_loss_coef and vimoe.z_loss_coef must be >= 0")
+        check_section(m, "vimoe")
         if recipe.vit.arch is None and isinstance(m.layers, list):
             bad = [i for i in m.layers if not 0 <= i < recipe.vit.layers]
             if bad:
