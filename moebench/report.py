@@ -30,13 +30,7 @@ def load_rows(dirs: list[Path], tasks: list[str] | None = None, all_metrics: boo
     if not breakdowns:
         rows = [r for r in rows if not r.get("group")]
     if not all_metrics:
-        keep = []
-        for r in rows:
-            split, metric = _headline(r["task"])
-            whole = r["split"].split("|")[0]  # a breakdown row's split is "<split>|<group>"
-            if r["metric"] == metric and (split is None or whole == split):
-                keep.append(r)
-        rows = keep
+        rows = headline_rows(rows)
     return sorted(rows, key=lambda r: (r["task"], r["split"], r["metric"], r["run"]))
 
 
@@ -70,11 +64,17 @@ def report_table(rows: list[dict]):
     return t
 
 
-def headline_table(rows: list[dict]):
-    """The rows an eval just produced, reduced to each task's headline metric."""
+def headline_rows(rows: list[dict]) -> list[dict]:
+    """The rows of each task's headline metric (of its headline split, and its breakdowns when present)."""
     keep = []
     for r in rows:
         split, metric = _headline(r["task"])
-        if r["metric"] == metric and (split is None or r["split"] == split):
+        whole = r["split"].split("|")[0]  # a breakdown row's split is "<split>|<group>"
+        if r["metric"] == metric and (split is None or whole == split):
             keep.append(r)
-    return report_table(keep)
+    return keep
+
+
+def headline_table(rows: list[dict]):
+    """The rows an eval just produced, reduced to each task's headline metric (no breakdowns)."""
+    return report_table(headline_rows([r for r in rows if not r.get("group")]))
