@@ -19,7 +19,7 @@ TINY = [
     "stages.clip.max_steps=2", "stages.clip.batch_size=16",
     "stages.pretrain.max_steps=2", "stages.pretrain.batch_size=8",
     "stages.finetune.max_steps=6", "stages.finetune.batch_size=8", "stages.finetune.save_every=2",
-    "stages.finetune.log_every=1", "eval.limit=8", "eval.batch_size=8",
+    "stages.finetune.log_every=1", "eval.limit=8", "eval.batch_size=8", "eval.tasks=[pope,gqa]",
 ]
 
 

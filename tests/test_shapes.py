@@ -130,7 +130,7 @@ def test_llava_instruct(world):
     answered truthfully by the COCO annotations."""
     api = coco(world, "train")
     by_name = {info["file_name"]: image_id for image_id, info in api.imgs.items()}
-    data = load(world / "llava" / "shapes_instruct_train2014.json")
+    data = [item for item in load(world / "llava" / "shapes_instruct_train2014.json") if "-x" not in item["id"]]
     per_image = Counter(item["image"] for item in data)
     assert set(per_image) == set(by_name) and len({item["id"] for item in data}) == len(data)
     assert all(shapes.EXIST_PER_IMAGE <= n <= shapes.QA_PER_IMAGE + shapes.EXIST_PER_IMAGE for n in per_image.values())
@@ -276,3 +276,130 @@ def test_spec_validation_and_pope_shortage(tmp_path):
 def test_progress_bar_runs(tmp_path):
     root = shapes.ensure_world(shapes.WorldSpec(n_train=3, n_val=6, pope_images=1), root=tmp_path / "w", progress=True)
     assert (root / "manifest.json").is_file()
+
+
+def _scenes(world, split):
+    """{file name: [(color, shape, x centre, y centre)]} from the COCO annotations."""
+    api = coco(world, split)
+    return {info["file_name"]: [(a["color"], shapes.SHAPES[a["category_id"] - 1], a["bbox"][0] + a["bbox"][2] / 2,
+                                 a["bbox"][1] + a["bbox"][3] / 2) for a in api.loadAnns(api.getAnnIds(imgIds=i))]
+            for i, info in api.imgs.items()}
+
+
+def _true_answer(question: str, scene, size: int) -> str | None:
+    """The answer to a ScienceQA / MMBench / MME question of the world, worked out from the annotations."""
+    from moebench.data.shapes_vqa import CELLS
+
+    named = lambda name: [o for o in scene if name in (o[1], f"{o[0]} {o[1]}")]  # noqa: E731
+    if question == "Which shape is in the image?":
+        return "|".join(sorted({o[1] for o in scene}))  # any present shape
+    if question in ("How many objects are in the image?",):
+        return str(len(scene))
+    if m := re.fullmatch(r"(?:Which word names the color of|What color is) the (\w+)\?", question):
+        (o,) = named(m[1])
+        return o[0]
+    if m := re.fullmatch(r"On which side of the (.+) is the (.+)\?", question):
+        (b,), (a,) = named(m[1]), named(m[2])
+        return "left" if a[2] < b[2] else "right"
+    if m := re.fullmatch(r"Where is the (\w+) in the image\?", question):
+        (o,) = named(m[1])
+        return CELLS[3 * min(2, int(3 * o[3] / size)) + min(2, int(3 * o[2] / size))]
+    if m := re.fullmatch(r"Is there an? (?:(\w+) )?(\w+) in this image\? Please answer yes or no\.", question):
+        return "Yes" if any(o[1] == m[2] and m[1] in (None, o[0]) for o in scene) else "No"
+    if m := re.fullmatch(r"Are there (-?\d+) objects in this image\? Please answer yes or no\.", question):
+        return "Yes" if int(m[1]) == len(scene) else "No"
+    if m := re.fullmatch(r"Are there more than (\d+) objects in this image\? Please answer yes or no\.", question):
+        return "Yes" if len(scene) > int(m[1]) else "No"
+    if m := re.fullmatch(r"Is the (.+) on the (left|right) of the (.+)\? Please answer yes or no\.", question):
+        (a,), (b,) = named(m[1]), named(m[3])
+        return "Yes" if (a[2] < b[2]) == (m[2] == "left") else "No"
+    return None
+
+
+def _check_choice(question: str, options: dict, answer_letter: str, scene) -> None:
+    truth = _true_answer(question, scene, SMALL.image_size)
+    assert truth is not None, question
+    right = [k for k, v in options.items() if v in truth.split("|")]
+    assert right == [answer_letter], (question, options, answer_letter, scene)
+
+
+def test_scienceqa_mme_mmbench_files_load_and_their_answers_are_true(world):
+    """The world's ScienceQA, MME and MMBench files load through the tasks' loaders, have the official
+    structure (2-5 choices, subjects, hints; MME yes/no pairs per image; MMBench 2-4 options rotated) and
+    every answer is true of the image's COCO annotations."""
+    from moebench.eval.tasks import load_samples, load_task
+
+    val = _scenes(world, "val")
+    problems = load(world / "scienceqa" / "problems.json")
+    assert {len(p["choices"]) for p in problems.values()} == {2, 3, 4, 5}
+    assert {p["subject"] for p in problems.values()} == {"natural science", "language science"}
+    assert any(p["hint"] for p in problems.values()) and not all(p["hint"] for p in problems.values())
+    samples = load_samples(load_task("scienceqa_img"), world)
+    assert len(samples) == len(problems)
+    for sample in samples:
+        p = problems[sample.question_id]
+        scene = val[next(n for n in val if n.endswith(f"{int(sample.question_id) - SMALL.n_train - 1:06d}.png"))]
+        _check_choice(p["question"], dict(zip("ABCDE", p["choices"])), sample.target, scene)
+        assert sample.groups["context"] == (["IMG", "TXT"] if p["hint"] else ["IMG"])
+
+    mme = load_samples(load_task("mme"), world)
+    by_image = {}
+    for sample in mme:
+        scene = val[sample.image.name]
+        assert _true_answer(sample.question, scene, SMALL.image_size).lower() == sample.target, sample
+        by_image.setdefault((sample.groups["subtask"], sample.image.name), []).append(sample.target)
+    assert all(v == ["yes", "no"] for v in by_image.values())
+    assert {sub for sub, _ in by_image} == {"existence", "count", "position", "color", "numerical_calculation"}
+
+    mmbench = load_samples(load_task("mmbench"), world)
+    items = Counter(s.groups["item"] for s in mmbench)
+    assert set(items.values()) <= {2, 3, 4} and len(set(items.values())) > 1
+    images = {}
+    for sample in mmbench:
+        images.setdefault(sample.groups["item"], sample.image.read_bytes())
+        lines = sample.question.split("\n")
+        question = lines[1] if lines[0].startswith("There are") else lines[0]
+        scene = next(sc for name, sc in val.items()
+                     if (world / "coco" / "val2014" / name).read_bytes() == images[sample.groups["item"]])
+        _check_choice(question, sample.groups["options"], sample.target, scene)
+        texts = list(sample.groups["options"].values())
+        assert not any(a in b for i, a in enumerate(texts) for j, b in enumerate(texts) if i != j), texts
+
+
+def test_stage_two_teaches_the_other_tasks_in_their_eval_prompts(world):
+    """The stage-II conversations for TextVQA, ScienceQA, MME and MMBench are prompted exactly as those
+    tasks' files prompt (their prompt_suffix, the OCR-token line) and answered truthfully."""
+    from moebench.data.shapes_vqa import WORDS
+    from moebench.eval.metrics import mmbench_parse
+    from moebench.eval.tasks import load_task
+
+    train, extra = _scenes(world, "train"), [i for i in load(world / "llava" / "shapes_instruct_train2014.json")
+                                             if "-x" in i["id"]]
+    kinds = Counter()
+    mc = load_task("scienceqa_img").prompt_suffix
+    assert mc == load_task("mmbench").prompt_suffix and load_task("mme").prompt_suffix == ""
+    for item in extra:
+        human, gpt = (c["value"] for c in item["conversations"])
+        assert human.startswith("<image>\n")
+        question = human[len("<image>\n"):]
+        if item["image"].startswith("sign_"):
+            m = re.fullmatch(r"(.+)\nReference OCR token: (\w+)" + re.escape(load_task("textvqa").prompt_suffix), question)
+            assert m and m[2] in WORDS and gpt == m[2].lower(), item
+            assert (world / "coco" / "train2014" / item["image"]).is_file()
+            kinds["textvqa"] += 1
+        elif question.endswith(mc):
+            lines = question[: -len(mc)].split("\n")
+            options = dict(line.split(". ", 1) for line in lines if re.match(r"[A-E]\. ", line))
+            stem = [line for line in lines if not re.match(r"[A-E]\. ", line)][-1]
+            if m := re.fullmatch(r"(.+)\. The answer is ([A-E])\.", gpt):  # ScienceQA: text, then letter
+                assert options[m[2]] == m[1], item
+                letter = m[2]
+            else:  # MMBench: the option's text, which MMBench's matcher maps to its letter
+                (letter,) = [k for k, v in options.items() if v == gpt]
+                assert mmbench_parse(gpt, options) == letter, item
+            _check_choice(stem, options, letter, train[item["image"]])
+            kinds["choice"] += 1
+        else:
+            assert _true_answer(question, train[item["image"]], SMALL.image_size).lower() == gpt, item
+            kinds["mme"] += 1
+    assert kinds["textvqa"] == SMALL.n_train and kinds["choice"] > 0 and kinds["mme"] > 0

@@ -34,9 +34,10 @@ from moebench.config import WorldConfig
 from moebench.data import pope
 from moebench.errors import MissingFile, UserError
 
-WORLD_VERSION = 5  # 2: VQAv2, TextVQA and ScienceQA files; 3: single-turn stage-II data with POPE-style questions;
+WORLD_VERSION = 6  # 2: VQAv2, TextVQA and ScienceQA files; 3: single-turn stage-II data with POPE-style questions;
 # 4: stage II has 2 GQA-type questions per image (was 5), so existence is 3/4 of it; 5: one GQA question per
-# held-out image (was 2; the training data is unchanged)
+# held-out image (was 2; the training data is unchanged); 6: MME and MMBench files, ScienceQA with 2-5 choices,
+# hints and subjects, and stage II teaches TextVQA, ScienceQA, MME and MMBench (shapes_vqa.instruct_extra)
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "semicircle", "bar")
 COLORS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 90, 240),
           "yellow": (240, 230, 40), "purple": (160, 50, 210), "orange": (250, 130, 0)}
@@ -483,7 +484,10 @@ def _generate(spec: WorldSpec, out: Path, progress: bool) -> dict:
             coco, classes = _write_split(split, scenes, spec, out, advance)
             _dump(coco, out / "annotations" / f"instances_{FOLDERS[split]}.json")
             _dump(classes, out / "cls" / f"{FOLDERS[split]}.json")
+    from moebench.data import shapes_vqa
+
     captions, instruct = _llava(train, spec)
+    instruct += shapes_vqa.instruct_extra(train, out, spec.seed, spec.image_size)
     _dump(captions, out / "llava" / "shapes_caption_train2014.json")
     _dump(instruct, out / "llava" / "shapes_instruct_train2014.json")
 
@@ -501,11 +505,11 @@ def _generate(spec: WorldSpec, out: Path, progress: bool) -> dict:
     splits = pope.build_pope(out / "annotations" / "instances_val2014.json", num_images=spec.pope_images, seed=spec.seed)
     for name, records in splits.items():
         pope.write_pope_jsonl(records, out / "pope" / f"coco_pope_{name}.json")
-    from moebench.data import shapes_vqa
-
     extra = {"vqav2_questions": shapes_vqa.write_vqav2(val, out, spec.seed),
              "textvqa_questions": shapes_vqa.write_textvqa(val, out, spec.seed),
-             "scienceqa_problems": shapes_vqa.write_scienceqa(val, out, spec.seed)}
+             "scienceqa_problems": shapes_vqa.write_scienceqa(val, out, spec.seed),
+             "mme_questions": shapes_vqa.write_mme(val, out, spec.seed),
+             "mmbench_questions": shapes_vqa.write_mmbench(val, out, spec.seed, spec.image_size)}
     return {**extra, "train_images": len(train), "val_images": len(val),
             "train_objects": sum(len(s.objects) for s in train), "val_objects": sum(len(s.objects) for s in val),
             "pope_eligible_val_images": eligible, "pope_questions": len(splits["random"]),

@@ -246,6 +246,17 @@ def _textvqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     return out
 
 
+def scienceqa_prompt(problem: dict) -> str:
+    """LLaVA's ScienceQA question: [Context: hint\n]question\nA. choice\nB. choice ..."""
+    lines = ([f"Context: {problem['hint']}"] if problem.get("hint") else []) + [problem["question"]]
+    return "\n".join(lines + [f"{letter}. {choice}" for letter, choice in zip("ABCDE", problem["choices"])])
+
+
+def mmbench_prompt(question: str, hint: str, options: dict[str, str]) -> str:
+    """LLaVA's MMBench question: [hint\n]question\nA. option\nB. option ..."""
+    return "\n".join(([hint] if hint else []) + [question] + [f"{k}. {v}" for k, v in options.items()])
+
+
 @LOADERS.register("scienceqa")
 def _scienceqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     """ScienceQA problems.json + pid_splits.json, the problems of `split` that have an image (ScienceQA-IMG);
@@ -258,12 +269,10 @@ def _scienceqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
         if not p.get("image"):
             continue
         letters = "ABCDE"[: len(p["choices"])]
-        lines = ([f"Context: {p['hint']}"] if p.get("hint") else []) + [p["question"]]
-        lines += [f"{letter}. {choice}" for letter, choice in zip(letters, p["choices"])]
         # the official breakdowns (ScienceQA's evaluations.py): subject, and context modality, where an
         # image problem with a hint counts as both TXT and IMG
         groups = {"subject": p.get("subject", ""), "context": ["IMG", "TXT"] if p.get("hint") else ["IMG"]}
-        out.append(Sample(pid, split, root / task.images / split / pid / p["image"], "\n".join(lines),
+        out.append(Sample(pid, split, root / task.images / split / pid / p["image"], scienceqa_prompt(p),
                           letters[p["answer"]], groups))
     return out
 
@@ -272,14 +281,19 @@ def _scienceqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
 def _mme(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     """MME's release (MME_Benchmark_release_version/<subtask>/): per image a <stem>.txt of two lines
     "question<TAB>Yes|No", beside the image or in questions_answers_YN/ with the images in images/.
-    Split `perception` or `cognition` (its subtasks: moebench.eval.metrics.MME_PERCEPTION / _COGNITION)."""
+    Split `perception` or `cognition` (its subtasks: moebench.eval.metrics.MME_PERCEPTION / _COGNITION); the
+    split's subtasks that are there are read (the shapes world has 4 of perception's 10 and 1 of cognition's 4),
+    and the score sums those, so only runs over the same subtasks compare (the group rows name them)."""
     from moebench.eval.metrics import MME_COGNITION, MME_PERCEPTION
 
     base, out = root / task.questions, []
-    for sub in {"perception": MME_PERCEPTION, "cognition": MME_COGNITION}[split]:
+    subtasks = {"perception": MME_PERCEPTION, "cognition": MME_COGNITION}[split]
+    if not any((base / sub).is_dir() for sub in subtasks):
+        raise MissingFile(base / subtasks[0], f"MME {split} subtasks ({', '.join(subtasks)})", task.download or "")
+    for sub in subtasks:  # the subtasks the release holds (lmms-eval scores the categories present, too)
         folder = base / sub
         if not folder.is_dir():
-            raise MissingFile(folder, f"MME subtask {sub}", task.download or "")
+            continue
         qa = folder / "questions_answers_YN" if (folder / "questions_answers_YN").is_dir() else folder
         images = folder / "images" if (folder / "images").is_dir() else folder
         for txt in sorted(qa.glob("*.txt")):
@@ -304,7 +318,8 @@ def _mmbench(task: TaskConfig, root: Path, split: str) -> list[Sample]:
 
     path = _require(root / task.questions.format(split=split), task)
     cache = Path(os.environ.get("MOEBENCH_CACHE") or Path.home() / ".cache" / "moebench") / "mmbench"
-    cache = cache / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    stat = path.stat()  # a file rewritten in place (a regenerated world) gets new images
+    cache = cache / hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     cache.mkdir(parents=True, exist_ok=True)
     out = []
     with open(path, newline="") as f:
@@ -317,10 +332,10 @@ def _mmbench(task: TaskConfig, root: Path, split: str) -> list[Sample]:
             answer_text = options[row["answer"].strip()]
             for rot in range(len(texts)):
                 shown = dict(zip(letters, texts[rot:] + texts[:rot]))
-                lines = ([row["hint"]] if row.get("hint") and row["hint"] != "nan" else []) + [row["question"]]
-                lines += [f"{k}. {v}" for k, v in shown.items()]
+                hint = row["hint"] if row.get("hint") and row["hint"] != "nan" else ""
                 target = next(k for k, v in shown.items() if v == answer_text)
-                out.append(Sample(f"{row['index']}/{rot}", split, image, "\n".join(lines), target,
+                prompt = mmbench_prompt(row["question"], hint, shown)
+                out.append(Sample(f"{row['index']}/{rot}", split, image, prompt, target,
                                   {"category": row.get("category", ""), "item": row["index"], "rotation": rot,
                                    "options": shown}))
     return out
