@@ -8,6 +8,7 @@ data root and the embedded world, which is written in the same formats and layou
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -39,6 +40,9 @@ class TaskConfig:
     download: str = ""  # what to fetch and where to put it, shown when a file is missing
     annotations: str = ""  # VQAv2: the annotations file ({split} replaced), beside `questions`
     ocr: bool = False  # TextVQA: add "Reference OCR token: ..." to the prompt, as LLaVA-1.5 does
+    # lmms-eval's release of the task (its Hugging Face dataset as parquet files): a glob under the data root,
+    # {split} replaced, read where the official files are missing (moebench.eval.parquet)
+    parquet: str = ""
     # whose scoring the numbers follow: llava (LLaVA-1.5 / MoE-LLaVA's eval scripts), official (the dataset
     # authors' scripts) or lmms_eval; every row names it (moebench.eval.metrics.PROTOCOLS)
     protocol: str = "llava"
@@ -133,18 +137,23 @@ def _check_vision_task(task: TaskConfig, path: Path) -> None:
 
 
 def load_samples(task: TaskConfig, root: Path, limit: int | None = None) -> list[Sample]:
-    """All samples of all splits (the first `limit` of each split when given). A split without
-    questions, or a file laid out differently from the official one, is a UserError naming the file."""
+    """All samples of all splits (the first `limit` of each split when given), from the official files, or
+    where they are missing from lmms-eval's parquet release (`parquet`). A split without questions, or a
+    file laid out differently from the official one, is a UserError naming the file."""
+    from moebench.eval.parquet import parquet_files, read_parquet
+
     out = []
     for split in task.splits:
         path = Path(root) / task.questions.format(split=split)
+        files = [] if path.exists() else parquet_files(task, Path(root), split)
         try:
-            samples = LOADERS.get(task.loader)(task, Path(root), split)
+            samples = read_parquet(task, files, split) if files else LOADERS.get(task.loader)(task, Path(root), split)
         except (KeyError, TypeError, IndexError) as e:  # a record or file of another layout
-            raise UserError(f"{path}: not in the official {task.name} format ({type(e).__name__}: {e}); "
-                            f"{task.download or 'see the README section on real datasets'}") from None
+            where = ", ".join(map(str, files)) if files else path
+            raise UserError(f"{where}: not in the {'lmms-eval' if files else 'official'} {task.name} format "
+                            f"({type(e).__name__}: {e}); {task.download or 'see the README section on real datasets'}") from None
         if not samples:
-            raise UserError(f"task {task.name}: split {split!r} has no questions in {path}; "
+            raise UserError(f"task {task.name}: split {split!r} has no questions in {', '.join(map(str, files)) or path}; "
                             "check that the file is complete")
         out += samples[:limit] if limit else samples
     return out
@@ -263,18 +272,16 @@ def _scienceqa(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     prompt as LLaVA's: [Context: hint\n]question\nA. choice\nB. choice ...; the target is the letter."""
     problems = _read_json(root / task.questions, task)
     pids = _read_json(root / task.questions.replace("problems.json", "pid_splits.json"), task)
-    out = []
-    for pid in pids.get(split, []):
-        p = problems[pid]
-        if not p.get("image"):
-            continue
-        letters = "ABCDE"[: len(p["choices"])]
-        # the official breakdowns (ScienceQA's evaluations.py): subject, and context modality, where an
-        # image problem with a hint counts as both TXT and IMG
-        groups = {"subject": p.get("subject", ""), "context": ["IMG", "TXT"] if p.get("hint") else ["IMG"]}
-        out.append(Sample(pid, split, root / task.images / split / pid / p["image"], scienceqa_prompt(p),
-                          letters[p["answer"]], groups))
-    return out
+    return [scienceqa_sample(pid, split, root / task.images / split / pid / problems[pid]["image"], problems[pid])
+            for pid in pids.get(split, []) if problems[pid].get("image")]
+
+
+def scienceqa_sample(pid: str, split: str, image: Path, p: dict) -> Sample:
+    """One ScienceQA problem ({question, choices, answer index, hint, subject}) as a sample: LLaVA's prompt,
+    the answer's letter, and the official breakdowns (ScienceQA's evaluations.py): subject, and context
+    modality, where an image problem with a hint counts as both TXT and IMG."""
+    groups = {"subject": p.get("subject", ""), "context": ["IMG", "TXT"] if p.get("hint") else ["IMG"]}
+    return Sample(pid, split, image, scienceqa_prompt(p), "ABCDE"[int(p["answer"])], groups)
 
 
 @LOADERS.register("mme")
@@ -313,32 +320,55 @@ def _mmbench(task: TaskConfig, root: Path, split: str) -> list[Sample]:
     The images are decoded once into the moebench cache."""
     import base64
     import csv
-    import hashlib
-    import os
 
     path = _require(root / task.questions.format(split=split), task)
-    cache = Path(os.environ.get("MOEBENCH_CACHE") or Path.home() / ".cache" / "moebench") / "mmbench"
-    stat = path.stat()  # a file rewritten in place (a regenerated world) gets new images
-    cache = cache / hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    cache.mkdir(parents=True, exist_ok=True)
-    out = []
+    cache, out = image_cache("mmbench", [path]), []
     with open(path, newline="") as f:
         for row in csv.DictReader(f, delimiter="\t"):
-            options = {k: row[k] for k in "ABCD" if row.get(k) and row[k] != "nan"}
-            image = cache / f"{row['index']}.jpg"
-            if not image.is_file():
-                image.write_bytes(base64.b64decode(row["image"]))
-            letters, texts = list(options), list(options.values())
-            answer_text = options[row["answer"].strip()]
-            for rot in range(len(texts)):
-                shown = dict(zip(letters, texts[rot:] + texts[:rot]))
-                hint = row["hint"] if row.get("hint") and row["hint"] != "nan" else ""
-                target = next(k for k, v in shown.items() if v == answer_text)
-                prompt = mmbench_prompt(row["question"], hint, shown)
-                out.append(Sample(f"{row['index']}/{rot}", split, image, prompt, target,
-                                  {"category": row.get("category", ""), "item": row["index"], "rotation": rot,
-                                   "options": shown}))
+            image = cached_image(cache, f"{row['index']}.jpg", lambda: base64.b64decode(row["image"]))
+            out += mmbench_samples(row, split, image)
     return out
+
+
+def mmbench_samples(row: dict, split: str, image: Path) -> list[Sample]:
+    """An MMBench item ({index, question, hint, A-D, answer letter, category}) as one sample per rotation of
+    its options (circular evaluation), prompted as LLaVA's: [hint\n]question\nA. ..."""
+    def present(v) -> bool:
+        return v is not None and str(v) not in ("", "nan", "None")
+
+    options = {k: str(row[k]) for k in "ABCD" if present(row.get(k))}
+    letters, texts = list(options), list(options.values())
+    answer_text, index = options[str(row["answer"]).strip()], str(row["index"])
+    hint = str(row["hint"]) if present(row.get("hint")) else ""
+    out = []
+    for rot in range(len(texts)):
+        shown = dict(zip(letters, texts[rot:] + texts[:rot]))
+        target = next(k for k, v in shown.items() if v == answer_text)
+        out.append(Sample(f"{index}/{rot}", split, image, mmbench_prompt(row["question"], hint, shown), target,
+                          {"category": row.get("category") or "", "item": index, "rotation": rot, "options": shown}))
+    return out
+
+
+def image_cache(kind: str, files: list[Path]) -> Path:
+    """The folder of the moebench cache where the images embedded in `files` are decoded, one per version
+    of those files (a file rewritten in place, as a regenerated world, gets new images)."""
+    import hashlib
+
+    key = ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    base = Path(os.environ.get("MOEBENCH_CACHE") or Path.home() / ".cache" / "moebench")
+    cache = base / kind / hashlib.sha256(key.encode()).hexdigest()[:12]
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def cached_image(cache: Path, name: str, data) -> Path:
+    """cache/name, written once (atomically) from the bytes `data()` returns."""
+    path = cache / name.replace("/", "_")
+    if not path.is_file():
+        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+        tmp.write_bytes(data())
+        tmp.replace(path)
+    return path
 
 
 def _qid_order(qid: str):
