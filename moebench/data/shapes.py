@@ -317,6 +317,17 @@ def _names(objs: list[Obj]) -> list[tuple[str, Obj]]:
             for o in objs if shapes[o.shape] == 1 or pairs[(o.color, o.shape)] == 1]
 
 
+def side_pair(objs: list[Obj], rng: random.Random) -> tuple[str, str, str] | None:
+    """Two objects far enough apart to tell left from right, drawn at random: (name of a, name of b, the
+    side of b that a is on), or None when no pair is."""
+    named = _names(objs)
+    pairs = [(x, y) for x in named for y in named if x[1] is not y[1] and _apart(x[1], y[1])]
+    if not pairs:
+        return None
+    (a, oa), (b, ob) = rng.choice(pairs)
+    return a, b, "left" if oa.cx < ob.cx else "right"
+
+
 def _apart(a: Obj, b: Obj) -> bool:
     """Left/right is asked only of objects in different grid columns (MIN_DX cells apart)."""
     cell = a.side / SIZES[a.size]
@@ -362,12 +373,9 @@ def ask(kind: str, objs: list[Obj], rng: random.Random, yes: bool = True) -> dic
         full = f"There {verb} {n} {what[:-1] if n == 1 else what}."
         q = (f"How many {what} are there?", str(n), full, "query", semantic)
     elif kind == "relation":
-        named = _names(objs)
-        pairs = [(x, y) for x in named for y in named if x[1] is not y[1] and _apart(x[1], y[1])]
-        if not pairs:
+        if not (pair := side_pair(objs, rng)):
             return None
-        (a, oa), (b, ob) = rng.choice(pairs)
-        side = "left" if oa.cx < ob.cx else "right"
+        a, b, side = pair
         q = (f"Is the {a} to the left or to the right of the {b}?", side, f"The {a} is to the {side} of the {b}.",
              "choose", "rel")
     else:

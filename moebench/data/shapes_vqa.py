@@ -165,7 +165,7 @@ def science_problem(objs, rng: random.Random) -> dict | None:
 
 def mme_pair(subtask: str, objs, rng: random.Random) -> list[tuple[str, str]] | None:
     """MME's two questions about an image, [(question, "Yes"), (question, "No")], or None."""
-    from moebench.data.shapes import COLORS, SHAPES, _a, _apart, _names
+    from moebench.data.shapes import COLORS, SHAPES, _a, side_pair
 
     shapes, n = Counter(o.shape for o in objs), len(objs)
     if subtask == "existence":
@@ -174,12 +174,10 @@ def mme_pair(subtask: str, objs, rng: random.Random) -> list[tuple[str, str]] | 
     elif subtask == "count":
         pair = (f"Are there {n} objects in this image?", f"Are there {n + rng.choice((-1, 1))} objects in this image?")
     elif subtask == "position":
-        named = _names(objs)
-        pairs = [(x, y) for x in named for y in named if x[1] is not y[1] and _apart(x[1], y[1])]
-        if not pairs:
+        if not (sides := side_pair(objs, rng)):
             return None
-        (a, oa), (b, ob) = rng.choice(pairs)
-        side, other = ("left", "right") if oa.cx < ob.cx else ("right", "left")
+        a, b, side = sides
+        other = "right" if side == "left" else "left"
         pair = (f"Is the {a} on the {side} of the {b}?", f"Is the {a} on the {other} of the {b}?")
     elif subtask == "color":
         unique = [o for o in objs if shapes[o.shape] == 1]
@@ -202,7 +200,7 @@ def _cell(o, size: int) -> str:
 
 def mmbench_item(objs, rng: random.Random, size: int) -> dict | None:
     """An MMBench-style item (question, options with the answer first, hint, category), or None."""
-    from moebench.data.shapes import COLORS, _apart, _names
+    from moebench.data.shapes import COLORS, side_pair
 
     category, n_options = rng.choice(MMBENCH_CATEGORIES), rng.choice((2, 3, 4))
     shapes = Counter(o.shape for o in objs)
@@ -213,13 +211,10 @@ def mmbench_item(objs, rng: random.Random, size: int) -> dict | None:
         o = rng.choice(unique)
         question, right, wrong = f"What color is the {o.shape}?", o.color, [c for c in COLORS if c != o.color]
     elif category == "spatial_relationship":
-        named = _names(objs)
-        pairs = [(x, y) for x in named for y in named if x[1] is not y[1] and _apart(x[1], y[1])]
-        if not pairs:
+        if not (sides := side_pair(objs, rng)):
             return None
-        (a, oa), (b, ob) = rng.choice(pairs)
-        question, n_options = f"On which side of the {b} is the {a}?", 2
-        right, wrong = ("left", ["right"]) if oa.cx < ob.cx else ("right", ["left"])
+        a, b, right = sides
+        question, n_options, wrong = f"On which side of the {b} is the {a}?", 2, ["right" if right == "left" else "left"]
     else:
         if not unique:
             return None

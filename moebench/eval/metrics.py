@@ -264,6 +264,11 @@ def vqa_score(prediction: str, answers: VQATarget) -> float:
     pred = _vqa_clean(prediction)
     if len(set(gts)) > 1:
         gts, pred = [vqa_normalize(a) for a in gts], vqa_normalize(pred)
+    return _leave_one_out(pred, gts)
+
+
+def _leave_one_out(pred: str, gts: list[str]) -> float:
+    """VQA's consensus: each answer left out in turn, min(1, #other answers equal to pred / 3), averaged."""
     matches = sum(g == pred for g in gts)
     return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
 
@@ -285,10 +290,7 @@ def m4c_score(prediction: str, answers: VQATarget) -> float:
     when the raw prediction equals it."""
     if isinstance(answers, str):
         return float(prediction == answers)
-    gts = [m4c_normalize(a) for a in _vqa_answers(answers, 0)]
-    pred = m4c_normalize(prediction)
-    matches = sum(g == pred for g in gts)
-    return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
+    return _leave_one_out(m4c_normalize(prediction), [m4c_normalize(a) for a in _vqa_answers(answers, 0)])
 
 
 PROTOCOLS = ("llava", "official", "lmms_eval")

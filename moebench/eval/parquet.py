@@ -23,9 +23,12 @@ from moebench.registry import Registry
 READERS: Registry[Callable[[TaskConfig, list[Path], str, Path], list[Sample]]] = Registry("parquet reader")
 
 
-def parquet_files(task: TaskConfig, root: Path, split: str) -> list[Path]:
-    """The lmms-eval parquet files of `task` under `root` (none when the task names no `parquet` glob)."""
-    return sorted(Path(root).glob(task.parquet.format(split=split))) if task.parquet else []
+def release_files(task: TaskConfig, root: Path, split: str) -> list[Path]:
+    """The lmms-eval parquet files `split` of `task` is read from: none where its official file is there
+    (or the task names no `parquet` glob)."""
+    if not task.parquet or (Path(root) / task.questions.format(split=split)).exists():
+        return []
+    return sorted(Path(root).glob(task.parquet.format(split=split)))
 
 
 def read_parquet(task: TaskConfig, files: list[Path], split: str) -> list[Sample]:

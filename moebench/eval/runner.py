@@ -337,14 +337,13 @@ def _target_text(target) -> str:
 def _questions_hash(task: TaskConfig, root: Path) -> str:
     import hashlib
 
-    from moebench.eval.parquet import parquet_files
+    from moebench.eval.parquet import release_files
 
     h = hashlib.sha256()
     for split in task.splits:
         path = root / task.questions.format(split=split)
-        files = sorted(p for p in path.rglob("*.txt")) if path.is_dir() else [path]  # MME: a folder of .txt
-        if not path.exists():  # read from lmms-eval's release (load_samples' fallback)
-            files = parquet_files(task, root, split) or files
+        files = (release_files(task, root, split)  # what load_samples reads when the official file is missing
+                 or (sorted(path.rglob("*.txt")) if path.is_dir() else [path]))  # MME: a folder of .txt
         for f in files:
             h.update(file_hash(f).encode())
     return h.hexdigest()[:16]

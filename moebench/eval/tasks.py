@@ -140,12 +140,12 @@ def load_samples(task: TaskConfig, root: Path, limit: int | None = None) -> list
     """All samples of all splits (the first `limit` of each split when given), from the official files, or
     where they are missing from lmms-eval's parquet release (`parquet`). A split without questions, or a
     file laid out differently from the official one, is a UserError naming the file."""
-    from moebench.eval.parquet import parquet_files, read_parquet
+    from moebench.eval.parquet import read_parquet, release_files
 
     out = []
     for split in task.splits:
         path = Path(root) / task.questions.format(split=split)
-        files = [] if path.exists() else parquet_files(task, Path(root), split)
+        files = release_files(task, Path(root), split)
         try:
             samples = read_parquet(task, files, split) if files else LOADERS.get(task.loader)(task, Path(root), split)
         except (KeyError, TypeError, IndexError) as e:  # a record or file of another layout
