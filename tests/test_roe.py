@@ -129,6 +129,73 @@ def test_predictions_batch_8_equal_batch_1(tokenizer, monkeypatch):
     assert batched == single
 
 
+def _grouped(model, prompts, pixels, batch_size, **kw):
+    """Every prompt through GroupedGeneration in prefill batches of `batch_size`: {index: answer}, finished."""
+    from moebench.eval.generate import GroupedGeneration
+
+    gen, finished = GroupedGeneration(model, batch_size=batch_size, **kw), []
+    for i in range(0, len(prompts), batch_size):
+        finished += gen.add(list(range(i, i + batch_size))[: len(prompts) - i], prompts[i: i + batch_size],
+                            pixels[i: i + batch_size])
+    finished += gen.flush()
+    return {f.key: f.tokens for f in finished}, finished, gen
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_grouped_decoding_equals_one_at_a_time_and_skips_whole_layers(tokenizer, monkeypatch, batch_size):
+    """Decoding batches are formed of one skip pattern, across prefill batches: the answers equal the
+    same model's one prompt at a time, every decoding batch has a single pattern, and a layer that
+    pattern skips is never called while decoding it."""
+    from moebench.eval.generate import greedy_generate
+
+    model = _model(tokenizer, seed=3)
+    add_roe(model, RoEConfig())
+    model.roe.ctx.mode = "hard"
+    skip_rows = {1: {0, 3, 5}, 2: {1, 3, 6}}  # layer -> examples that skip it: patterns RR, SR, RS, SS
+    prompts, pixels = _prompts(tokenizer, model)
+    kw = dict(max_new_tokens=5, eos_id=-1, pad_id=tokenizer.pad_token_id)
+    # route by prompt, whatever batch or position it is in: the prefill tells the rule whose prompts run
+    order = {tuple(p): i for i, p in enumerate(prompts)}
+    current: list[int] = []
+
+    def rule_by_prompt(layer, rt):
+        i = model.roe.layer_ids[model.roe.layers(model.llm).index(layer)]
+        return torch.tensor([current[b] not in skip_rows[i] for b in range(rt.shape[0])])
+
+    _force(monkeypatch, rule_by_prompt)
+    from moebench.eval import generate as generation
+
+    real_prefill = generation._prefill
+
+    def prefill(model_, prompts_, *args):
+        current[:] = [order[tuple(p)] for p in prompts_]
+        return real_prefill(model_, prompts_, *args)
+
+    monkeypatch.setattr(generation, "_prefill", prefill)
+    single = [greedy_generate(model, [p], pixels[i: i + 1], **kw).tokens[0] for i, p in enumerate(prompts)]
+    for layer in model.roe.layers(model.llm):
+        layer.state.calls = 0
+    calls_in_decoding = []
+    real_decode = generation._decode
+
+    def decode(model_, nxt, *args, **kwargs):
+        before = [layer.calls for layer in model.roe.layers(model.llm)]
+        out = real_decode(model_, nxt, *args, **kwargs)
+        after = [layer.calls for layer in model.roe.layers(model.llm)]
+        calls_in_decoding.append((nxt.shape[0], [a - b for a, b in zip(after, before)], out.shape[1] - 1))
+        return out
+
+    monkeypatch.setattr(generation, "_decode", decode)
+    answers, finished, gen = _grouped(model, prompts, pixels, batch_size, **kw)
+    assert [answers[i] for i in range(len(prompts))] == single
+    assert all(n <= batch_size for n, _, _ in calls_in_decoding)  # no forward computes more than a batch
+    # one pattern per decoding batch: each routable layer runs for every row of the batch, or for none
+    for n, calls, steps in calls_in_decoding:
+        assert all(c in (0, n * steps) for c in calls)
+    assert any(c == 0 for _, calls, _ in calls_in_decoding for c in calls)
+    assert sum(n for n, _, _ in calls_in_decoding) == len(prompts) and gen.prefills == -(-len(prompts) // batch_size)
+
+
 def test_decoding_after_the_routing_tokens_are_cropped_equals_the_dense_parent(tokenizer, monkeypatch):
     """Nothing skipped: hard mode (routing tokens appended at prefill, then cropped from every KV cache) decodes
     exactly what the dense parent decodes, also when the image features are given precomputed."""

@@ -184,9 +184,11 @@ def test_roe_recipe_trains_and_reports_skips_and_measured_params(capsys, tmp_pat
         assert x["ratio"] == pytest.approx(x["roe_ms_per_sample"] / x["dense_ms_per_sample"])
         assert x["roe_ms_per_sample"] == pytest.approx(x["prefill_ms_per_sample"]["roe"]
                                                        + x["decode_ms_per_sample"]["roe"])
-        assert x["bound_1_minus_0.7s"] == pytest.approx(1 - 0.7 * b["skip_ratio_all_layers"])
         assert 0 < x["decoder_share_f"] < 1  # the decoder layers are part of the LM's time, not all of it
         assert x["bound_1_minus_f_s"] == pytest.approx(1 - x["decoder_share_f"] * b["skip_ratio_all_layers"])
+        assert x["bound_1_minus_0.7_s_f"] == pytest.approx(1 - 0.7 * x["decoder_share_f"] * b["skip_ratio_all_layers"])
+        assert x["meets_bound"] == (x["ratio"] <= x["bound_1_minus_0.7_s_f"])
+        assert x["identical_to_one_at_a_time"]  # grouped decoding answers as the model does one prompt at a time
 
 
 def test_interrupted_eval_resumes_without_recomputing(tiny_run, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from moebench.data.conversations import pad_stack
 
@@ -37,21 +38,15 @@ def _next(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
     return last.argmax(-1)
 
 
-@torch.no_grad()
-def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None, *, max_new_tokens: int,
-                    eos_id: int, pad_id: int, image_features: torch.Tensor | None = None,
-                    image_index: torch.Tensor | None = None) -> Generation:
-    """`image_features` (already projected) replace `pixel_values`: then the timings cover the LLM only.
-    `image_index` (B,): prompt i is about image `pixel_values[image_index[i]]` (default: the i-th)."""
+def _prefill(model, prompts, pixel_values, image_features, image_index, pad_id: int):
+    """The prompts' forward with a fresh KV cache: (first tokens, cache, mask, positions)."""
     from transformers import DynamicCache
 
     device = (pixel_values if image_features is None else image_features).device
-    ids, mask = pad_stack([torch.tensor(p) for p in prompts], pad_id, left=True)  # (B, T)
+    ids, mask = pad_stack([torch.tensor(p) for p in prompts], pad_id, left=True)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     cache = DynamicCache(config=model.llm.config)
-    _sync(device)
-    t0 = time.perf_counter()
     if image_index is not None and image_features is None:  # each distinct image through the tower once
         image_features, pixel_values = model.image_features(pixel_values)[image_index.to(device)], None
     out = model(ids, mask, pixel_values, positions, cache=cache, use_cache=True, logits_to_keep=1,
@@ -59,8 +54,12 @@ def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor 
     nxt = _next(out.logits, model.image_token_id)  # (B,)
     for ext in model.extensions():  # e.g. tokens the prefill needed that decoding must not see
         ext.after_prefill(model, cache)
-    _sync(device)
-    t1 = time.perf_counter()
+    return nxt, cache, mask, positions
+
+
+def _decode(model, nxt, cache, mask, positions, *, max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Greedy steps after the first token `nxt` (B,), on the prefill's cache: (B, steps) ids, the first
+    included; stops early once every row has produced `eos_id` (later ids of a finished row are pads)."""
     done = nxt == eos_id
     steps = [nxt]
     for _ in range(max_new_tokens - 1):
@@ -72,11 +71,177 @@ def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor 
         nxt = _next(out.logits, model.image_token_id).masked_fill(done, pad_id)
         done |= nxt == eos_id
         steps.append(nxt)
+    return torch.stack(steps, dim=1)
+
+
+def _cut(rows: list[list[int]], eos_id: int) -> list[list[int]]:
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: list[list[int]], pixel_values: torch.Tensor | None, *, max_new_tokens: int,
+                    eos_id: int, pad_id: int, image_features: torch.Tensor | None = None,
+                    image_index: torch.Tensor | None = None) -> Generation:
+    """`image_features` (already projected) replace `pixel_values`: then the timings cover the LLM only.
+    `image_index` (B,): prompt i is about image `pixel_values[image_index[i]]` (default: the i-th)."""
+    device = (pixel_values if image_features is None else image_features).device
+    _sync(device)
+    t0 = time.perf_counter()
+    nxt, cache, mask, positions = _prefill(model, prompts, pixel_values, image_features, image_index, pad_id)
+    _sync(device)
+    t1 = time.perf_counter()
+    gen = _decode(model, nxt, cache, mask, positions, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
     _sync(device)
     t2 = time.perf_counter()
-    gen = torch.stack(steps, dim=1).tolist()  # (B, steps)
-    tokens = []
-    for row in gen:
-        cut = row.index(eos_id) if eos_id in row else len(row)
-        tokens.append(row[:cut])
-    return Generation(tokens=tokens, ttft_s=t1 - t0, decode_s=t2 - t1, decode_steps=len(steps) - 1)
+    return Generation(tokens=_cut(gen.tolist(), eos_id), ttft_s=t1 - t0, decode_s=t2 - t1,
+                      decode_steps=gen.shape[1] - 1)
+
+
+@dataclass
+class Finished:
+    """One prompt's answer from `GroupedGeneration`."""
+
+    key: object  # the caller's id for the prompt
+    tokens: list[int]  # generated ids, without the final </s>
+    ttft_s: float  # its prefill batch's time (vision, projector, prefill, first token)
+    decode_s: float  # its decoding batch's time (0 when the first token ended it)
+    decode_batch: int  # prompts in its decoding batch
+    decode_steps: int  # decoding forwards of that batch
+    prefill_batch: int  # prompts in its prefill batch
+
+
+@dataclass
+class _Waiting:
+    """The prompts of one prefill batch that wait for a decoding batch: first tokens, masks, positions and,
+    per decoder layer, (keys, values, rows): rows[j] is prompt j's row there, None where it skips the layer."""
+
+    nxt: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    layout: list
+    ttft_s: float
+    size: int  # prompts in the prefill batch
+
+
+class GroupedGeneration:
+    """Greedy generation that prefills in the caller's batches and decodes in batches of equal decoding key.
+
+    A variant whose examples take different paths through the LM (RoE: which layers each example skips,
+    fixed at prefill) tells generation, after each prefill, each prompt's key and where its keys and
+    values are (`LMExtension.decode_layout`). Prompts wait in one pool per key; a pool that holds
+    `batch_size` prompts decodes them as one batch, their KV rows gathered from their prefill batches and
+    left-padded to one length; `flush` decodes what is left. So no forward computes more than
+    `batch_size` prompts, and a layer that a decoding batch's key skips is skipped by the whole batch:
+    decoding reads none of its weights. Answers equal `greedy_generate`'s (padding is masked and
+    positions count real tokens)."""
+
+    def __init__(self, model, *, batch_size: int, max_new_tokens: int, eos_id: int, pad_id: int):
+        self.model, self.batch_size = model, batch_size
+        self.kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+        self.pools: dict[object, list[tuple[_Waiting, int, object]]] = {}
+        self.prefill_s = self.decode_s = 0.0  # totals over the calls
+        self.prefills = self.decodes = self.decode_steps = 0
+
+    def _layout(self, cache, n: int):
+        for ext in self.model.extensions():
+            layout = ext.decode_layout(self.model, cache, n)
+            if layout is not None:
+                return layout
+        return [None] * n, [(layer.keys, layer.values, list(range(n))) for layer in cache.layers]
+
+    @torch.no_grad()
+    def add(self, keys: list, prompts: list[list[int]], pixel_values: torch.Tensor | None = None, *,
+            image_features: torch.Tensor | None = None, image_index: torch.Tensor | None = None) -> list[Finished]:
+        """Prefill one batch (arguments as `greedy_generate`'s; `keys` name the prompts); returns the prompts
+        finished by this call: those whose first token ends them, and any decoding batch that filled up."""
+        device = (pixel_values if image_features is None else image_features).device
+        _sync(device)
+        t0 = time.perf_counter()
+        nxt, cache, mask, positions = _prefill(self.model, prompts, pixel_values, image_features, image_index,
+                                               self.kw["pad_id"])
+        alone = self.batch_size == 1  # one prompt is one key: it decodes on its own cache, as greedy_generate does
+        groups, layout = ([None], None) if alone else self._layout(cache, len(prompts))
+        first = nxt.tolist()
+        _sync(device)
+        ttft = time.perf_counter() - t0
+        self.prefill_s += ttft
+        self.prefills += 1
+        out = []
+        if alone or (len(set(groups)) == 1 and len(prompts) == self.batch_size and not self.pools.get(groups[0])):
+            # a full batch of one key decodes on its own cache, as greedy_generate does
+            return out + self._decode(groups[0], keys, [(ttft, len(prompts))] * len(keys), nxt, cache, mask, positions)
+        waiting = _Waiting(nxt, mask, positions, layout, ttft, len(prompts))
+        for j, (key, group) in enumerate(zip(keys, groups)):
+            if first[j] == self.kw["eos_id"] or self.kw["max_new_tokens"] <= 1:
+                out.append(Finished(key, _cut([[first[j]]], self.kw["eos_id"])[0], ttft, 0.0, 1, 0, len(prompts)))
+            else:
+                self.pools.setdefault(group, []).append((waiting, j, key))
+        for group, pool in self.pools.items():
+            while len(pool) >= self.batch_size:
+                out += self._merge_and_decode(group, pool[: self.batch_size])
+                del pool[: self.batch_size]
+        return out
+
+    @torch.no_grad()
+    def flush(self) -> list[Finished]:
+        """Decode every prompt still waiting (pools smaller than a batch)."""
+        out = []
+        for group, pool in self.pools.items():
+            if pool:
+                out += self._merge_and_decode(group, pool)
+        self.pools = {}
+        return out
+
+    def _merge_and_decode(self, group, items: list[tuple[_Waiting, int, object]]) -> list[Finished]:
+        """One decoding batch from waiting prompts: per prefill batch they come from, one gather of their
+        rows (masks, positions, first tokens, each layer's keys and values), left-padded to the longest."""
+        from transformers import DynamicCache
+
+        device = items[0][0].mask.device
+        _sync(device)
+        t0 = time.perf_counter()
+        by_batch: dict[int, tuple[_Waiting, list[int], list]] = {}
+        for w, j, key in items:
+            part = by_batch.setdefault(id(w), (w, [], []))
+            part[1].append(j)
+            part[2].append(key)
+        keys = [key for _, _, ks in by_batch.values() for key in ks]
+        ttfts = [(w.ttft_s, w.size) for w, js, _ in by_batch.values() for _ in js]
+        parts = [(w, js) for w, js, _ in by_batch.values()]
+        length = max(w.mask.shape[1] for w, _ in parts)
+
+        def gather(get, rows_of=lambda w, js: js):
+            xs = []
+            for w, js in parts:
+                x = get(w)[torch.tensor(rows_of(w, js), device=device)]
+                pad = length - w.mask.shape[1]
+                xs.append(nn.functional.pad(x, (0, 0, pad, 0) if x.dim() == 4 else (pad, 0)) if pad else x)
+            return torch.cat(xs) if len(xs) > 1 else xs[0]
+
+        mask = gather(lambda w: w.mask)
+        positions = torch.cat([w.positions[js, -1:] for w, js in parts])
+        nxt = torch.cat([w.nxt[js] for w, js in parts])
+        cache = DynamicCache(config=self.model.llm.config)
+        w0, j0 = parts[0][0], parts[0][1][0]
+        for i, entry in enumerate(w0.layout):
+            if entry is None or entry[2][j0] is None:  # the group's key skips this layer
+                continue
+            rows = lambda w, js, i=i: [w.layout[i][2][j] for j in js]  # noqa: E731
+            cache.update(gather(lambda w, i=i: w.layout[i][0], rows), gather(lambda w, i=i: w.layout[i][1], rows), i)
+        _sync(device)
+        merge_s = time.perf_counter() - t0
+        return self._decode(group, keys, ttfts, nxt, cache, mask, positions, merge_s)
+
+    def _decode(self, group, keys, ttfts, nxt, cache, mask, positions, spent: float = 0.0) -> list[Finished]:
+        for ext in self.model.extensions():
+            ext.begin_decode(self.model, group)
+        _sync(nxt.device)
+        t0 = time.perf_counter()
+        gen = _decode(self.model, nxt, cache, mask, positions, **self.kw)
+        _sync(nxt.device)
+        took = spent + time.perf_counter() - t0
+        self.decode_s += took
+        self.decodes += 1
+        self.decode_steps += gen.shape[1] - 1
+        rows = _cut(gen.tolist(), self.kw["eos_id"])
+        return [Finished(k, r, t, took, len(keys), gen.shape[1] - 1, size) for k, r, (t, size) in zip(keys, rows, ttfts)]

@@ -23,7 +23,7 @@ from moebench import distributed as parallel
 from moebench.data.conversations import Encoder
 from moebench.data.sources import DataSource, file_hash, resolve
 from moebench.eval import metrics
-from moebench.eval.generate import greedy_generate
+from moebench.eval.generate import Generation, GroupedGeneration, greedy_generate
 from moebench.eval.partial import PartialWriter, partial_path, read_partial
 from moebench.eval.tasks import Sample, TaskConfig, load_samples, load_task
 from moebench.errors import UserError
@@ -59,13 +59,33 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
     def image(path: Path) -> torch.Tensor:
         return load_pixels(path, vision)
 
-    def run(batch: list[Sample]):
+    def inputs(batch: list[Sample]):
         prompts = [encoder.prompt(s.question + task.prompt_suffix) for s in batch]
         rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in batch))}  # distinct images
         pixels = torch.stack([image(path) for path in rows]).to(device)
-        gen = greedy_generate(model, prompts, pixels, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-                              pad_id=tokenizer.pad_token_id, image_index=torch.tensor([rows[s.image] for s in batch]))
-        return prompts, gen
+        return prompts, pixels, torch.tensor([rows[s.image] for s in batch])
+
+    gen_kw = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+
+    def run(batch: list[Sample]):
+        prompts, pixels, index = inputs(batch)
+        return prompts, greedy_generate(model, prompts, pixels, image_index=index, **gen_kw)
+
+    def run_grouped(batch: list[Sample] | None):
+        """The answers finished by prefilling `batch` (None: by decoding every prompt still waiting), as
+        (samples, prompts, Generation) per decoding batch: a variant that groups decoding (RoE) decodes
+        prompts of one skip pattern together, across prefill batches."""
+        if batch is None:
+            done = grouped.flush()
+        else:
+            prompts, pixels, index = inputs(batch)
+            done = grouped.add([(s, p) for s, p in zip(batch, prompts)], prompts, pixels, image_index=index)
+        out: dict[tuple, list] = {}
+        for f in done:  # one Generation per (prefill time, decoding time): the per-sample latency columns
+            out.setdefault((f.ttft_s, f.decode_s, f.decode_steps, f.prefill_batch), []).append(f)
+        return [([f.key[0] for f in fs], [f.key[1] for f in fs],
+                 Generation([f.tokens for f in fs], ttft, dec, steps), size)
+                for (ttft, dec, steps, size), fs in out.items()]
 
     w = parallel.world()
     finished = dict(done or {})
@@ -84,6 +104,9 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
     mine = [s for group in list(by_image.values())[w.rank::w.size] for s in group]  # this rank's share
     if mine:
         run(mine[:batch_size])  # warm-up, not timed
+    grouped = None
+    if any(ext.groups_decoding for ext in model.extensions()):
+        grouped = GroupedGeneration(model, batch_size=batch_size, **gen_kw)
     ttfts, decode_s, decode_tokens, computed, batch_s = [], 0.0, 0, [], 0.0
     t_start = time.perf_counter()
     answered = sum(len(same[(s.image, s.question)]) for s in mine)
@@ -92,26 +115,36 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
         for c in counters:
             stack.enter_context(c)
         bar(len(samples) - len(todo))
-        for batch in _batches(mine, batch_size):
-            prompts, gen = run(batch)
-            ttfts.append(gen.ttft_s)
-            decode_s += gen.decode_s
-            batch_s += gen.ttft_s + gen.decode_s
-            decode_tokens += gen.decode_steps
-            new = []
-            for s, p, toks in zip(batch, prompts, gen.tokens):
-                answer = {
-                    "prompt_tokens": len(p), "output_tokens": len(toks),
-                    "prediction": tokenizer.decode(toks, skip_special_tokens=True).strip(),
-                    "latency_ms": 1000 * (gen.ttft_s + gen.decode_s), "ttft_ms": 1000 * gen.ttft_s,
-                    "batch_size": len(batch),
-                }
-                new += [{"split": t.split, "question_id": t.question_id, **answer} for t in same[(s.image, s.question)]]
-            if store is not None:
-                store(new)
-            finished.update({(r["split"], r["question_id"]): r for r in new})
-            computed += new
-            bar(len(new))
+        if grouped is None:
+            answered_batches = ([(batch, *run(batch), len(batch))] for batch in _batches(mine, batch_size))
+        else:
+            answered_batches = (run_grouped(batch) for batch in [*_batches(mine, batch_size), None])
+        for answered in answered_batches:
+            for batch, prompts, gen, size in answered:
+                if grouped is None:
+                    ttfts.append(gen.ttft_s)
+                    decode_s += gen.decode_s
+                    batch_s += gen.ttft_s + gen.decode_s
+                    decode_tokens += gen.decode_steps
+                new = []
+                for s, p, toks in zip(batch, prompts, gen.tokens):
+                    answer = {
+                        "prompt_tokens": len(p), "output_tokens": len(toks),
+                        "prediction": tokenizer.decode(toks, skip_special_tokens=True).strip(),
+                        "latency_ms": 1000 * (gen.ttft_s + gen.decode_s), "ttft_ms": 1000 * gen.ttft_s,
+                        "batch_size": size,
+                    }
+                    new += [{"split": t.split, "question_id": t.question_id, **answer}
+                            for t in same[(s.image, s.question)]]
+                if store is not None:
+                    store(new)
+                finished.update({(r["split"], r["question_id"]): r for r in new})
+                computed += new
+                bar(len(new))
+        if grouped is not None:  # per prefill batch and per decoding batch, as the ungrouped path counts them
+            ttfts = [grouped.prefill_s / max(1, grouped.prefills)] * grouped.prefills
+            decode_s, decode_tokens = grouped.decode_s, grouped.decode_steps
+            batch_s = grouped.prefill_s + grouped.decode_s
     wall = time.perf_counter() - t_start
     ranks = parallel.all_gather({  # one process: [this]
         "records": computed if w.size > 1 else [], "ttft_s": sum(ttfts), "batches": len(ttfts), "decode_s": decode_s,

@@ -32,6 +32,9 @@ class LMExtension(nn.Module):
     # True when a data-parallel rank may leave some of its parameters without a gradient in a step
     # where another rank gives them one (e.g. a layer that every example of one rank skips)
     uneven_gradients: bool = False
+    # True when evaluation should decode examples in batches of equal `decode_layout` key
+    # (moebench.eval.generate.GroupedGeneration), e.g. because the key says which layers they skip
+    groups_decoding: bool = False
 
     def run_lm(self, vlm, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *,
                input_ids: torch.Tensor, labels: torch.Tensor | None, cache, use_cache: bool,
@@ -46,3 +49,13 @@ class LMExtension(nn.Module):
         """(added to the language model's total, added to its activated count). `stats`: what evaluation
         measured (the counters' entries), or None for the static count."""
         return 0, 0
+
+    def decode_layout(self, vlm, cache, batch_size: int) -> tuple[list, list] | None:
+        """After a prefill (and `after_prefill`), for generation that decodes examples of equal key together
+        (moebench.eval.generate.GroupedGeneration): (per example a hashable key, per decoder layer
+        (keys, values, rows) with rows[j] example j's row in those tensors or None where j skips the
+        layer, or None for a layer no example ran). None: this extension does not group decoding."""
+        return None
+
+    def begin_decode(self, vlm, key) -> None:
+        """Before decoding a batch whose examples all have decoding key `key` (None: not grouped)."""

@@ -20,6 +20,7 @@ batch size 1 and its released eval path never skips; this does, at any batch siz
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -40,12 +41,55 @@ class RoEContext:
     target: float = 0.3  # random mode skips with this probability
     routing: bool = False  # this forward carries the two routing tokens at the last positions
     generator: torch.Generator | None = None
-    skip_probs: list[torch.Tensor] = field(default_factory=list)  # per routed layer, (B,) this forward
+    # per routed layer, this forward: (B,) skip probabilities (soft), or the (B,) boolean run decisions (hard, random)
+    skip_probs: list[torch.Tensor] = field(default_factory=list)
     routing_in_cache: bool = False  # the last prefill left the routing tokens' keys and values in the caches
+
+
+class _LayerState:
+    """A routable layer's decisions and counters, in a plain object: a prefill sets several fields per
+    layer, and at batch 1 `nn.Module.__setattr__` on each would be a measurable share of its time."""
+
+    __slots__ = ("all_run", "none_run", "run_idx", "skip_idx", "cache", "calls", "seen", "skipped")
+
+    def __init__(self):
+        self.all_run, self.none_run = True, False  # decided at prefill, on the host: every example runs / none does
+        self.run_idx = self.skip_idx = None  # (n,) the examples that run / skip, when both kinds exist
+        self.cache = None  # the running sub-batch's own KV cache (hard mode, when only some examples run)
+        self.calls = 0  # examples this layer was computed for (tests)
+        self.seen = self.skipped = 0  # hard-mode prefill decisions, for the skip rate
 
 
 class RoELayer(nn.Module):
     """A decoder layer an example may skip, with its adapter shortcut and router."""
+
+    @property
+    def cache(self):
+        """The running sub-batch's own KV cache, when only some examples run this layer."""
+        return self.state.cache
+
+    @property
+    def calls(self) -> int:
+        """Examples this layer was computed for."""
+        return self.state.calls
+
+    @property
+    def seen(self) -> int:
+        """Examples routed here in hard mode (prefills)."""
+        return self.state.seen
+
+    @seen.setter
+    def seen(self, n: int) -> None:
+        self.state.seen = n
+
+    @property
+    def skipped(self) -> int:
+        """Of those, the examples that skipped this layer."""
+        return self.state.skipped
+
+    @skipped.setter
+    def skipped(self, n: int) -> None:
+        self.state.skipped = n
 
     def __init__(self, layer: nn.Module, hidden: int, rank: int, ctx: RoEContext):
         super().__init__()
@@ -56,16 +100,16 @@ class RoELayer(nn.Module):
         with torch.no_grad():  # start by running every layer (softly): a bias towards "run"
             self.router.bias.copy_(torch.tensor([2.0, 0.0]))
         self.ctx = ctx
-        self.run_all()
-        self.calls = 0  # examples this layer was computed for (tests)
-        self.seen = self.skipped = 0  # hard-mode prefill decisions, for the skip rate
+        self.state = _LayerState()
 
     def run_all(self) -> None:
         """Every example runs this layer, on the model's KV cache (the state until a prefill decides)."""
-        self.all_run = True  # decided at prefill, on the host: every example runs the layer / none does
-        self.none_run = False
-        self.run_idx = self.skip_idx = None  # (n,) the examples that run / skip, when both kinds exist
-        self.cache = None  # the running sub-batch's own KV cache (hard mode, when only some examples run)
+        self.fix(True)
+
+    def fix(self, run: bool) -> None:
+        """The whole batch runs this layer (on the model's cache) or skips it."""
+        st = self.state
+        st.all_run, st.none_run, st.run_idx, st.skip_idx, st.cache = run, not run, None, None, None
 
     @property
     def mlp(self) -> nn.Module:
@@ -100,7 +144,7 @@ class RoELayer(nn.Module):
     def _run(self, h: torch.Tensor, idx: torch.Tensor | None, kwargs: dict, cache) -> torch.Tensor:
         """The wrapped layer on the examples `idx` (None = all), with their slice of the masks."""
         if idx is None:
-            self.calls += h.shape[0]
+            self.state.calls += h.shape[0]
             return self.layer(h, cache=cache, **kwargs)
         sub = dict(kwargs)
         for key in ("attention_mask", "position_ids"):
@@ -109,7 +153,7 @@ class RoELayer(nn.Module):
         pe = sub.get("position_embeddings")
         if pe is not None and pe[0].shape[0] == h.shape[0]:
             sub["position_embeddings"] = tuple(p[idx] for p in pe)
-        self.calls += int(idx.numel())
+        self.state.calls += int(idx.numel())
         return self.layer(h[idx], cache=cache, **sub)
 
     def forward(self, hidden_states: torch.Tensor, cache=None, **kwargs) -> torch.Tensor:
@@ -128,17 +172,18 @@ class RoELayer(nn.Module):
             if ctx.mode == "random":  # warm-up: hard skips at the target rate, adapters learn
                 skip = shard_rand(h.shape[0], ctx.generator) < ctx.target  # as one process draws them
                 run = ~skip.to(h.device)
-                ctx.skip_probs.append(skip.float().to(h.device))
             else:
                 run = logits.argmax(-1) == 0  # (B,) run
-                ctx.skip_probs.append((~run).float())
+            ctx.skip_probs.append(run)  # hard decisions: 1 - run is the skip probability
             self._decide(run, cache, count=ctx.mode == "hard")
-        if self.all_run:  # the whole batch runs: the model's own cache at this layer's index, as dense
+        st = self.state
+        if st.all_run:  # the whole batch runs: the model's own cache at this layer's index, as dense
             return self._run(h, None, kwargs, cache)
-        if self.none_run:
+        if st.none_run:
             return self.shortcut(h)
-        out = torch.empty_like(h).index_copy(0, self.skip_idx, self.shortcut(h[self.skip_idx]))
-        return out.index_copy(0, self.run_idx, self._run(h, self.run_idx, kwargs, self.cache))
+        out = torch.empty_like(h)
+        out.index_copy_(0, st.skip_idx, self.shortcut(h[st.skip_idx]))
+        return out.index_copy_(0, st.run_idx, self._run(h, st.run_idx, kwargs, st.cache))
 
     def _decide(self, run_mask: torch.Tensor, cache, count: bool) -> None:
         """Fix this prefill's decisions for the whole generation, on the host, once: which examples run
@@ -146,14 +191,16 @@ class RoELayer(nn.Module):
         uses the model's cache at its index, as the dense layer does."""
         run = run_mask.tolist()
         n_run = sum(run)
-        self.all_run, self.none_run = n_run == len(run), n_run == 0
-        mixed = not (self.all_run or self.none_run)
-        self.run_idx = run_mask.nonzero().flatten() if mixed else None
-        self.skip_idx = (~run_mask).nonzero().flatten() if mixed else None
-        self.cache = type(cache)() if (mixed and cache is not None) else None
+        self.fix(n_run > 0)
+        st = self.state
+        if 0 < n_run < len(run):
+            st.all_run = False
+            st.run_idx = run_mask.nonzero().flatten()
+            st.skip_idx = (~run_mask).nonzero().flatten()
+            st.cache = type(cache)() if cache is not None else None
         if count:
-            self.seen += len(run)
-            self.skipped += len(run) - n_run
+            st.seen += len(run)
+            st.skipped += len(run) - n_run
 
 
 def routable_layers(cfg: RoEConfig, num_layers: int) -> list[int]:
@@ -165,6 +212,7 @@ class RoE(LMExtension):
     As the VLM's extension it runs the LM with the routing tokens appended whenever an image is given."""
 
     uneven_gradients = True  # a layer that every example of one rank's share skips has no gradient there
+    groups_decoding = True  # decoding batches of one skip pattern skip whole layers (decode_layout)
 
     def __init__(self, hidden: int, cfg: RoEConfig):
         super().__init__()
@@ -210,6 +258,35 @@ class RoE(LMExtension):
                 c.crop(-2)
             self.ctx.routing_in_cache = False
 
+    def decode_layout(self, vlm, cache, batch_size: int):
+        """Each example's skip pattern (run or not, per routable layer) as its decoding key, and where its
+        keys and values are: the model's cache for a layer its whole batch ran, the layer's own sub-batch
+        cache for a layer only some ran. None in dense mode (no routing: nothing to group)."""
+        if self.ctx.mode == "dense":
+            return None
+        routed = {i: layer.state for i, layer in zip(self.layer_ids, self.layers(vlm.llm))}
+        runs, layout = [], []
+        for i, entry in enumerate(cache.layers):
+            st = routed.get(i)
+            rows: list[int | None] = list(range(batch_size))
+            if st is not None and st.none_run:
+                rows, entry = [None] * batch_size, None
+            elif st is not None and not st.all_run:
+                rows = [None] * batch_size
+                for r, j in enumerate(st.run_idx.tolist()):
+                    rows[j] = r
+                entry = st.cache.layers[i]
+            if st is not None:
+                runs.append(rows)
+            layout.append(None if entry is None else (entry.keys, entry.values, rows))
+        keys = [tuple(rows[j] is not None for rows in runs) for j in range(batch_size)]
+        return keys, layout
+
+    def begin_decode(self, vlm, key) -> None:
+        if key is not None:
+            for run, layer in zip(key, self.layers(vlm.llm)):
+                layer.fix(run)
+
     def skipped_parameters(self, llm, skip_rates: dict[str, float]) -> float:
         """Parameters an example does not use on average, given each routable layer's measured skip
         rate: a skipped layer's weights, or a run layer's adapter."""
@@ -252,7 +329,9 @@ def with_routing_tokens(model, embeds: torch.Tensor, attention_mask: torch.Tenso
     """Append the two routing tokens; return (embeds, 4-D additive mask, positions).
 
     The image token attends to the image placeholders, the text token to the real non-image tokens
-    before the first supervised one (the first turn's prompt); normal tokens do not see either.
+    before the first supervised one (the first turn's prompt); normal tokens do not see either. The mask
+    costs a handful of operators over cached causal and diagonal patterns: at batch 1 its construction is
+    a visible share of a prefill.
     """
     b, t, _ = embeds.shape
     real = attention_mask.bool()
@@ -262,20 +341,23 @@ def with_routing_tokens(model, embeds: torch.Tensor, attention_mask: torch.Tenso
         supervised = labels != -100
         first = torch.where(supervised.any(-1), supervised.float().argmax(-1), torch.full_like(labels[:, 0], t))
         text &= torch.arange(t, device=embeds.device)[None] < first[:, None]
-    causal = torch.ones(t, t, dtype=torch.bool, device=embeds.device).tril()  # (T, T)
-    mask = torch.zeros(b, 1, t + 2, t + 2, dtype=torch.bool, device=embeds.device)
-    mask[:, 0, :t, :t] = causal[None] & real[:, None, :]
+    causal, diagonal = _patterns(t + 2, embeds.device)
+    keys = nn.functional.pad(real, (0, 2))  # (B, T+2): the routing tokens are nobody's key but their own
+    mask = causal & keys[:, None, None, :]  # (B, 1, T+2, T+2): the prompt's causal mask over real keys
     mask[:, 0, t, :t], mask[:, 0, t + 1, :t] = image, text
-    mask[:, 0, t, t] = mask[:, 0, t + 1, t + 1] = True
-    # padding rows attend to themselves, so no softmax row is empty
-    idx = torch.arange(t, device=embeds.device)
-    mask[:, 0, idx, idx] |= True
-    additive = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device)
-    additive.masked_fill_(~mask, torch.finfo(embeds.dtype).min)  # eager and sdpa attention both add it
+    mask |= diagonal  # each routing token sees itself; padding rows see themselves (no empty softmax row)
+    zero = torch.zeros((), dtype=embeds.dtype, device=embeds.device)
+    mask = torch.where(mask, zero, torch.finfo(embeds.dtype).min)  # additive: eager and sdpa attention both add it
     rt = model.roe.tokens.to(embeds.dtype)[None].expand(b, -1, -1)
     last = position_ids.max(-1, keepdim=True).values + 1  # (B, 1)
     positions = torch.cat([position_ids, last, last], dim=1)
-    return torch.cat([embeds, rt], dim=1), additive, positions
+    return torch.cat([embeds, rt], dim=1), mask, positions
+
+
+@functools.lru_cache(maxsize=64)
+def _patterns(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(causal, diagonal) boolean (n, n) patterns, built once per length."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril(), torch.eye(n, dtype=torch.bool, device=device)
 
 
 def regularised_loss(logits: torch.Tensor, labels: torch.Tensor, skip_probs: list[torch.Tensor],
@@ -293,7 +375,7 @@ def regularised_loss(logits: torch.Tensor, labels: torch.Tensor, skip_probs: lis
     ce = tok.sum(-1) / n  # (B,)
     if not skip_probs:
         return ce.mean(), {"lm_loss": ce.mean().detach()}
-    s = torch.stack(skip_probs, dim=1).mean(-1)  # (B,)
+    s = torch.stack([p.float() if p.is_floating_point() else (~p).float() for p in skip_probs], dim=1).mean(-1)  # (B,)
     reg = coef * torch.exp(-5 * ce).detach() * (target - s).clamp(min=0)
     logs = {"lm_loss": ce.mean().detach(), "aux_loss": reg.mean().detach(), "skip_rate": s.mean().detach()}
     return (ce + reg).mean(), logs

@@ -205,14 +205,15 @@ def bench_roe(
     t = Table(title=f"RoE {r['run']}: {r['samples']} {r['task']} prompts, {r['new_tokens']} new tokens, "
                     f"skip ratio {r['skip_ratio_all_layers']:.3f} of all layers")
     for col in ("batch size", "RoE ms/sample", "dense ms/sample", "prefill RoE/dense", "decode RoE/dense",
-                "RoE / dense", "f", "1 - f s", "1 - 0.7 s", "rounds under"):
+                "RoE / dense", "f", "1 - f s", "1 - 0.7 f s", "rounds under", "= one at a time"):
         t.add_column(col, justify="right")
     for bs, x in r["by_batch_size"].items():
         pre, dec = x["prefill_ms_per_sample"], x["decode_ms_per_sample"]
         t.add_row(bs, f"{x['roe_ms_per_sample']:.2f}", f"{x['dense_ms_per_sample']:.2f}",
                   f"{pre['roe']:.2f}/{pre['dense']:.2f}", f"{dec['roe']:.2f}/{dec['dense']:.2f}", f"{x['ratio']:.3f}",
                   f"{x['decoder_share_f']:.3f}", f"{x['bound_1_minus_f_s']:.3f}",
-                  f"{x['bound_1_minus_0.7s']:.3f}", f"{x['rounds_under_bound']}/{x['rounds']}")
+                  f"{x['bound_1_minus_0.7_s_f']:.3f}", f"{x['rounds_under_bound']}/{x['rounds']}",
+                  "yes" if x["identical_to_one_at_a_time"] else "NO")
     out.print(t)
     out.print(f"skip rate per layer: {r['skip_rate']}")
 
