@@ -138,7 +138,8 @@ class GroupedGeneration:
     def __init__(self, model, *, batch_size: int, max_new_tokens: int, eos_id: int, pad_id: int):
         self.model, self.batch_size = model, batch_size
         self.kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
-        self.pools: dict[object, list[tuple[_Waiting, int, object]]] = {}
+        self.pools: dict[object, list[tuple[_Waiting, int, object, object]]] = {}  # key -> (batch, row, id, key)
+        self.waiting_cap = 4 * batch_size
         self.prefill_s = self.decode_s = 0.0  # totals over the calls
         self.prefills = self.decodes = self.decode_steps = 0
 
@@ -169,72 +170,102 @@ class GroupedGeneration:
         out = []
         if alone or (len(set(groups)) == 1 and len(prompts) == self.batch_size and not self.pools.get(groups[0])):
             # a full batch of one key decodes on its own cache, as greedy_generate does
-            return out + self._decode(groups[0], keys, [(ttft, len(prompts))] * len(keys), nxt, cache, mask, positions)
+            return out + self._decode(groups * len(keys) if alone else groups, keys, [(ttft, len(prompts))] * len(keys),
+                                      nxt, cache, mask, positions)
         waiting = _Waiting(nxt, mask, positions, layout, ttft, len(prompts))
         for j, (key, group) in enumerate(zip(keys, groups)):
             if first[j] == self.kw["eos_id"] or self.kw["max_new_tokens"] <= 1:
                 out.append(Finished(key, _cut([[first[j]]], self.kw["eos_id"])[0], ttft, 0.0, 1, 0, len(prompts)))
             else:
-                self.pools.setdefault(group, []).append((waiting, j, key))
-        for group, pool in self.pools.items():
+                self.pools.setdefault(group, []).append((waiting, j, key, group))
+        for pool in self.pools.values():
             while len(pool) >= self.batch_size:
-                out += self._merge_and_decode(group, pool[: self.batch_size])
+                out += self._merge_and_decode(pool[: self.batch_size])
                 del pool[: self.batch_size]
+        # many keys fill their pools slowly: past `waiting_cap` prompts waiting, decode a batch of the
+        # largest pools together (mixed keys), so memory stays bounded
+        while sum(map(len, self.pools.values())) >= self.waiting_cap:
+            out += self._merge_and_decode(self._take(self.batch_size))
         return out
+
+    def _take(self, n: int) -> list:
+        """Up to n waiting prompts, from the largest pools first (so a batch holds few keys)."""
+        items = []
+        for group in sorted(self.pools, key=lambda g: -len(self.pools[g])):
+            pool = self.pools[group]
+            k = min(n - len(items), len(pool))
+            items += pool[:k]
+            del pool[:k]
+            if len(items) == n:
+                break
+        self.pools = {g: pool for g, pool in self.pools.items() if pool}
+        return items
 
     @torch.no_grad()
     def flush(self) -> list[Finished]:
-        """Decode every prompt still waiting (pools smaller than a batch)."""
+        """Decode every prompt still waiting: full batches, the largest pools first and one pool after
+        another, so a batch mixes keys only where pools are smaller than a batch."""
         out = []
-        for group, pool in self.pools.items():
-            if pool:
-                out += self._merge_and_decode(group, pool)
+        while any(self.pools.values()):
+            out += self._merge_and_decode(self._take(self.batch_size))
         self.pools = {}
         return out
 
-    def _merge_and_decode(self, group, items: list[tuple[_Waiting, int, object]]) -> list[Finished]:
+    def _merge_and_decode(self, items: list) -> list[Finished]:
         """One decoding batch from waiting prompts: per prefill batch they come from, one gather of their
-        rows (masks, positions, first tokens, each layer's keys and values), left-padded to the longest."""
+        rows (masks, positions, first tokens, each layer's keys and values), left-padded to the longest.
+        A layer that only some rows run gets those rows' keys and values apart, for the extension
+        (`begin_decode`) to run it on that sub-batch."""
         from transformers import DynamicCache
 
         device = items[0][0].mask.device
         _sync(device)
         t0 = time.perf_counter()
         by_batch: dict[int, tuple[_Waiting, list[int], list]] = {}
-        for w, j, key in items:
+        for w, j, key, group in items:
             part = by_batch.setdefault(id(w), (w, [], []))
             part[1].append(j)
-            part[2].append(key)
-        keys = [key for _, _, ks in by_batch.values() for key in ks]
+            part[2].append((key, group))
+        rows_in_order = [x for _, _, xs in by_batch.values() for x in xs]
         ttfts = [(w.ttft_s, w.size) for w, js, _ in by_batch.values() for _ in js]
         parts = [(w, js) for w, js, _ in by_batch.values()]
         length = max(w.mask.shape[1] for w, _ in parts)
 
-        def gather(get, rows_of=lambda w, js: js):
+        def gather(get, parts_, rows_of=lambda w, js: js):
             xs = []
-            for w, js in parts:
-                x = get(w)[torch.tensor(rows_of(w, js), device=device)]
+            for w, js in parts_:
+                if not js:
+                    continue
+                x = get(w).index_select(0, torch.tensor(rows_of(w, js), device=device))
                 pad = length - w.mask.shape[1]
                 xs.append(nn.functional.pad(x, (0, 0, pad, 0) if x.dim() == 4 else (pad, 0)) if pad else x)
             return torch.cat(xs) if len(xs) > 1 else xs[0]
 
-        mask = gather(lambda w: w.mask)
+        mask = gather(lambda w: w.mask, parts)
         positions = torch.cat([w.positions[js, -1:] for w, js in parts])
         nxt = torch.cat([w.nxt[js] for w, js in parts])
         cache = DynamicCache(config=self.model.llm.config)
-        w0, j0 = parts[0][0], parts[0][1][0]
-        for i, entry in enumerate(w0.layout):
-            if entry is None or entry[2][j0] is None:  # the group's key skips this layer
+        partial = {}  # layer -> (keys, values) of the rows that run it, when not all do
+        for i in range(len(parts[0][0].layout)):
+            has = [(w, [j for j in js if w.layout[i] is not None and w.layout[i][2][j] is not None]) for w, js in parts]
+            n_has = sum(len(js) for _, js in has)
+            if n_has == 0:  # every row skips this layer
                 continue
             rows = lambda w, js, i=i: [w.layout[i][2][j] for j in js]  # noqa: E731
-            cache.update(gather(lambda w, i=i: w.layout[i][0], rows), gather(lambda w, i=i: w.layout[i][1], rows), i)
+            kv = (gather(lambda w, i=i: w.layout[i][0], has, rows), gather(lambda w, i=i: w.layout[i][1], has, rows))
+            if n_has == len(items):
+                cache.update(*kv, i)
+            else:
+                partial[i] = kv
         _sync(device)
         merge_s = time.perf_counter() - t0
-        return self._decode(group, keys, ttfts, nxt, cache, mask, positions, merge_s)
+        return self._decode([g for _, g in rows_in_order], [k for k, _ in rows_in_order], ttfts, nxt, cache, mask,
+                            positions, merge_s, partial)
 
-    def _decode(self, group, keys, ttfts, nxt, cache, mask, positions, spent: float = 0.0) -> list[Finished]:
+    def _decode(self, groups: list, keys, ttfts, nxt, cache, mask, positions, spent: float = 0.0,
+                partial: dict | None = None) -> list[Finished]:
         for ext in self.model.extensions():
-            ext.begin_decode(self.model, group)
+            ext.begin_decode(self.model, groups, partial or {})
         _sync(nxt.device)
         t0 = time.perf_counter()
         gen = _decode(self.model, nxt, cache, mask, positions, **self.kw)

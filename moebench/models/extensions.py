@@ -57,5 +57,7 @@ class LMExtension(nn.Module):
         layer, or None for a layer no example ran). None: this extension does not group decoding."""
         return None
 
-    def begin_decode(self, vlm, key) -> None:
-        """Before decoding a batch whose examples all have decoding key `key` (None: not grouped)."""
+    def begin_decode(self, vlm, keys: list, partial: dict) -> None:
+        """Before decoding a batch formed by grouped generation: `keys`, each row's decoding key (all equal
+        unless pools smaller than a batch were decoded together); `partial`, per decoder layer that only
+        some rows run, (keys, values) of those rows, in row order (the model's cache holds no entry for it)."""

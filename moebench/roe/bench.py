@@ -51,7 +51,7 @@ def decoder_share(model, call, device: torch.device) -> float:
     return spent[0] / total if total else 0.0
 
 
-def bench_roe(run, *, task: str = "gqa", limit: int = 64, batch_sizes=(1, 8), max_new_tokens: int = 4,
+def bench_roe(run, *, task: str = "gqa", limit: int = 256, batch_sizes=(1, 8, 32), max_new_tokens: int = 4,
               repeats: int = 3, device: str = "cpu", progress: bool = False) -> dict:
     from moebench.data.conversations import Encoder
     from moebench.data.images import load_pixels

@@ -282,10 +282,22 @@ class RoE(LMExtension):
         keys = [tuple(rows[j] is not None for rows in runs) for j in range(batch_size)]
         return keys, layout
 
-    def begin_decode(self, vlm, key) -> None:
-        if key is not None:
-            for run, layer in zip(key, self.layers(vlm.llm)):
-                layer.fix(run)
+    def begin_decode(self, vlm, keys: list, partial: dict) -> None:
+        """Each routable layer of a decoding batch: run by every row (the model's cache), by none, or, in
+        a batch of mixed patterns, by a sub-batch on its own cache holding those rows' keys and values."""
+        if keys[0] is None:  # one prompt decoding on its own prefill's cache: the decisions stand
+            return
+        from transformers import DynamicCache
+
+        for k, (i, layer) in enumerate(zip(self.layer_ids, self.layers(vlm.llm))):
+            run = [key[k] for key in keys]
+            layer.fix(run[0])
+            if i in partial:
+                st, mask = layer.state, torch.tensor(run, device=partial[i][0].device)
+                st.all_run = st.none_run = False
+                st.run_idx, st.skip_idx = mask.nonzero().flatten(), (~mask).nonzero().flatten()
+                st.cache = DynamicCache()
+                st.cache.update(*partial[i], i)
 
     def skipped_parameters(self, llm, skip_rates: dict[str, float]) -> float:
         """Parameters an example does not use on average, given each routable layer's measured skip

@@ -168,8 +168,8 @@ def roe_index(recipe) -> int | None:
 def bench_roe(
     model: Optional[Path] = typer.Option(None, "--model", help="An RoE run directory; default: the most recent run."),
     task: str = typer.Option("gqa", help="Whose prompts to time."),
-    limit: int = typer.Option(64, min=1, help="Prompts per batch size."),
-    batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma-separated batch sizes."),
+    limit: int = typer.Option(256, min=1, help="Prompts timed (the same prompts at every batch size)."),
+    batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Comma-separated batch sizes."),
     new_tokens: int = typer.Option(4, "--new-tokens", min=1, help="Tokens generated per prompt (fixed)."),
     repeats: int = typer.Option(3, min=1, help="Timed rounds per mode (median)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
