@@ -2,14 +2,16 @@
 
 The same trained model runs every evaluation prompt twice per batch size, interleaved batch by batch
 (the two modes back to back on each batch, in alternating order, so the machine's drift hits both):
-once with its hard routing decisions (skipped layers not computed) and once in "dense" mode (every
+once as RoE evaluates (hard routing decisions at prefill, skipped layers not computed, decoding in
+batches of one skip pattern: moebench.eval.generate.GroupedGeneration) and once in "dense" mode (every
 layer runs, no routing tokens: the dense parent's computation). A round is one pass over the prompts;
 the ratio is of the rounds' median times, and each round's own ratio is kept too. Times cover the
 LLM's prefill and decoding: the image features (vision tower and projector, the same in both) are
 computed beforehand. The measured skip ratio s is the share of all decoder layers skipped, averaged
 over examples; f, the share of the dense computation's time spent in decoder layers (timed by hooks,
-per batch size), makes 1 - f x s the best ratio skipping can reach.
-"""
+per batch size), makes 1 - f x s the best ratio skipping can reach, and 1 - 0.7 f s the target (RoE
+keeps 70% of what the skipped layers cost). The RoE answers are checked against the same model
+answering one prompt at a time."""
 
 from __future__ import annotations
 
@@ -91,15 +93,23 @@ def bench_roe(run, *, task: str = "gqa", limit: int = 256, batch_sizes=(1, 8, 32
             pre, dec, answers = pre + g.ttft_s, dec + g.decode_s, answers + g.tokens
         return pre, dec, answers
 
-    def roe_pass(bs: int) -> tuple[float, float, list]:
-        """Every prompt prefilled in batches of `bs`, decoded in batches of `bs` of one skip pattern."""
+    def paired_round(bs: int, r: int) -> dict:
+        """Both modes over every prompt, batch by batch, back to back in alternating order (so the machine's
+        drift hits both): dense in batches of `bs`; RoE prefilling the same batches and decoding in
+        batches of `bs` of one skip pattern (GroupedGeneration). {mode: (prefill s, decode s, answers)}."""
+        gen, roe_answers, dense = GroupedGeneration(model, batch_size=bs, **kw), {}, [0.0, 0.0, []]
+        for j, i in enumerate(range(0, n, bs)):
+            for mode in (("dense", "roe") if (r + j) % 2 == 0 else ("roe", "dense")):
+                if mode == "dense":
+                    g = generate("dense", i, bs)
+                    dense = [dense[0] + g.ttft_s, dense[1] + g.decode_s, dense[2] + g.tokens]
+                else:
+                    roe.ctx.mode = "hard"
+                    done = gen.add(list(range(i, min(n, i + bs))), prompts[i: i + bs], image_features=feats[i: i + bs])
+                    roe_answers.update({f.key: f.tokens for f in done})
         roe.ctx.mode = "hard"
-        gen, answers = GroupedGeneration(model, batch_size=bs, **kw), {}
-        for i in range(0, n, bs):
-            answers.update({f.key: f.tokens for f in gen.add(list(range(i, min(n, i + bs))), prompts[i: i + bs],
-                                                              image_features=feats[i: i + bs])})
-        answers.update({f.key: f.tokens for f in gen.flush()})
-        return gen.prefill_s, gen.decode_s, [answers[i] for i in range(n)]
+        roe_answers.update({f.key: f.tokens for f in gen.flush()})
+        return {"roe": (gen.prefill_s, gen.decode_s, [roe_answers[i] for i in range(n)]), "dense": tuple(dense)}
 
     out = {"run": run.name, "task": task, "samples": len(prompts), "new_tokens": max_new_tokens,
            "threads": torch.get_num_threads(), "device": str(dev), "by_batch_size": {}}
@@ -118,11 +128,9 @@ def bench_roe(run, *, task: str = "gqa", limit: int = 256, batch_sizes=(1, 8, 32
         f_by_bs[bs] = decoder_share(model, lambda: dense_pass(bs), dev)
     for bs in batch_sizes:
         rounds = {m: {"total": [], "prefill": [], "decode": []} for m in ("roe", "dense")}
-        identical = roe_pass(bs)[2] == one_at_a_time  # and a warm-up of this batch size's shapes
-        dense_pass(bs)
-        for r in range(repeats):  # both modes back to back on all prompts, order alternating
-            for mode in (("dense", "roe") if r % 2 == 0 else ("roe", "dense")):
-                pre, dec, answers = (dense_pass if mode == "dense" else roe_pass)(bs)
+        identical = paired_round(bs, 0)["roe"][2] == one_at_a_time  # and a warm-up of this batch size's shapes
+        for r in range(repeats):
+            for mode, (pre, dec, answers) in paired_round(bs, r).items():
                 identical &= mode == "dense" or answers == one_at_a_time
                 rounds[mode]["prefill"].append(pre / n)
                 rounds[mode]["decode"].append(dec / n)
