@@ -33,6 +33,7 @@ from PIL import Image
 from moebench.config import WorldConfig
 from moebench.data import pope
 from moebench.errors import MissingFile, UserError
+from moebench.progress import steps
 
 WORLD_VERSION = 6  # 2: VQAv2, TextVQA and ScienceQA files; 3: single-turn stage-II data with POPE-style questions;
 # 4: stage II has 2 GQA-type questions per image (was 5), so existence is 3/4 of it; 5: one GQA question per
@@ -462,18 +463,6 @@ def _scene_graphs(scenes: list[Scene], spec: WorldSpec) -> dict:
 # ---------------------------------------------------------------- generation
 
 
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int):
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task("generating the shapes world", total=total)
-        yield lambda: bar.advance(task)
-
-
 def _dump(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
@@ -487,7 +476,7 @@ def _generate(spec: WorldSpec, out: Path, progress: bool) -> dict:
     if eligible < spec.pope_images:
         raise UserError(f"shapes world: only {eligible} of {spec.n_val} val images have >= 3 distinct shapes, "
                         f"POPE needs shapes.pope_images={spec.pope_images}: raise shapes.n_val or lower pope_images")
-    with _progress_bar(progress, len(train) + len(val)) as advance:
+    with steps(progress, len(train) + len(val), "generating the shapes world") as advance:
         for split, scenes in (("train", train), ("val", val)):
             coco, classes = _write_split(split, scenes, spec, out, advance)
             _dump(coco, out / "annotations" / f"instances_{FOLDERS[split]}.json")

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from moebench.progress import steps
+
 
 def decoder_share(model, call, device: torch.device) -> float:
     """f: the share of one `call()`'s wall time spent inside the LM's decoder layers, timed by forward
@@ -114,42 +116,48 @@ def bench_roe(run, *, task: str = "gqa", limit: int = 256, batch_sizes=(1, 8, 32
     out = {"run": run.name, "task": task, "samples": len(prompts), "new_tokens": max_new_tokens,
            "threads": torch.get_num_threads(), "device": str(dev), "by_batch_size": {}}
     n = len(prompts)
-    for layer in layers:
-        layer.seen = layer.skipped = 0
-    one_at_a_time = [generate("hard", i, 1).tokens[0] for i in range(n)]  # also the decisions for s
-    skipped = sum(layer.skipped for layer in layers) / n  # layers skipped per example
-    s = skipped / n_layers
-    out["skip_rate"] = {str(i): layer.skipped / max(1, layer.seen) for i, layer in zip(roe.layer_ids, layers)}
-    out["skip_ratio_all_layers"] = s
-    out["skip_ratio_routable_layers"] = skipped / len(layers)
-    generate("dense", 0, 8)  # warm-up
-    f_by_bs = {}
-    for bs in batch_sizes:  # f of the dense computation at each batch size (all prompts once)
-        f_by_bs[bs] = decoder_share(model, lambda: dense_pass(bs), dev)
-    for bs in batch_sizes:
-        rounds = {m: {"total": [], "prefill": [], "decode": []} for m in ("roe", "dense")}
-        identical = paired_round(bs, 0)["roe"][2] == one_at_a_time  # and a warm-up of this batch size's shapes
-        for r in range(repeats):
-            for mode, (pre, dec, answers) in paired_round(bs, r).items():
-                identical &= mode == "dense" or answers == one_at_a_time
-                rounds[mode]["prefill"].append(pre / n)
-                rounds[mode]["decode"].append(dec / n)
-                rounds[mode]["total"].append((pre + dec) / n)
-        med = {m: {k: statistics.median(v) for k, v in x.items()} for m, x in rounds.items()}
-        paired = [x / y for x, y in zip(rounds["roe"]["total"], rounds["dense"]["total"])]
-        f = f_by_bs[bs]
-        bound = 1 - 0.7 * s * f
-        ratio = med["roe"]["total"] / med["dense"]["total"]
-        out["by_batch_size"][str(bs)] = {
-            "roe_ms_per_sample": 1000 * med["roe"]["total"], "dense_ms_per_sample": 1000 * med["dense"]["total"],
-            "ratio": ratio, "ratio_paired_median": statistics.median(paired),
-            "decoder_share_f": f, "bound_1_minus_f_s": 1 - f * s,
-            "bound_1_minus_0.7_s_f": bound, "meets_bound": ratio <= bound,
-            "rounds_under_bound": sum(x <= bound for x in paired), "rounds": repeats,
-            "saved_share_of_skipped_time": (1 - ratio) / (f * s) if f * s else None,
-            "prefill_ms_per_sample": {m: 1000 * med[m]["prefill"] for m in med},
-            "decode_ms_per_sample": {m: 1000 * med[m]["decode"] for m in med},
-            "identical_to_one_at_a_time": identical,
-        }
-    roe.ctx.mode = "hard"
-    return out
+    with steps(progress, 1 + len(batch_sizes) * (repeats + 2), "bench roe: passes over the prompts") as step:
+        for layer in layers:
+            layer.seen = layer.skipped = 0
+        one_at_a_time = [generate("hard", i, 1).tokens[0] for i in range(n)]  # also the decisions for s
+        step()
+        skipped = sum(layer.skipped for layer in layers) / n  # layers skipped per example
+        s = skipped / n_layers
+        out["skip_rate"] = {str(i): layer.skipped / max(1, layer.seen) for i, layer in zip(roe.layer_ids, layers)}
+        out["skip_ratio_all_layers"] = s
+        out["skip_ratio_routable_layers"] = skipped / len(layers)
+        generate("dense", 0, 8)  # warm-up
+        f_by_bs = {}
+        for bs in batch_sizes:  # f of the dense computation at each batch size (all prompts once)
+            f_by_bs[bs] = decoder_share(model, lambda: dense_pass(bs), dev)
+            step()
+        for bs in batch_sizes:
+            rounds = {m: {"total": [], "prefill": [], "decode": []} for m in ("roe", "dense")}
+            identical = paired_round(bs, 0)["roe"][2] == one_at_a_time  # and a warm-up of this batch size's shapes
+            step()
+            for r in range(repeats):
+                pair = paired_round(bs, r)
+                step()
+                for mode, (pre, dec, answers) in pair.items():
+                    identical &= mode == "dense" or answers == one_at_a_time
+                    rounds[mode]["prefill"].append(pre / n)
+                    rounds[mode]["decode"].append(dec / n)
+                    rounds[mode]["total"].append((pre + dec) / n)
+            med = {m: {k: statistics.median(v) for k, v in x.items()} for m, x in rounds.items()}
+            paired = [x / y for x, y in zip(rounds["roe"]["total"], rounds["dense"]["total"])]
+            f = f_by_bs[bs]
+            bound = 1 - 0.7 * s * f
+            ratio = med["roe"]["total"] / med["dense"]["total"]
+            out["by_batch_size"][str(bs)] = {
+                "roe_ms_per_sample": 1000 * med["roe"]["total"], "dense_ms_per_sample": 1000 * med["dense"]["total"],
+                "ratio": ratio, "ratio_paired_median": statistics.median(paired),
+                "decoder_share_f": f, "bound_1_minus_f_s": 1 - f * s,
+                "bound_1_minus_0.7_s_f": bound, "meets_bound": ratio <= bound,
+                "rounds_under_bound": sum(x <= bound for x in paired), "rounds": repeats,
+                "saved_share_of_skipped_time": (1 - ratio) / (f * s) if f * s else None,
+                "prefill_ms_per_sample": {m: 1000 * med[m]["prefill"] for m in med},
+                "decode_ms_per_sample": {m: 1000 * med[m]["decode"] for m in med},
+                "identical_to_one_at_a_time": identical,
+            }
+        roe.ctx.mode = "hard"
+        return out

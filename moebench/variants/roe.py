@@ -176,8 +176,10 @@ def bench_roe(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch (default: torch's own)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Directory of runs and cached stage checkpoints."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (not with --json)."),
 ):
-    """Time per sample of an RoE run skipping for real vs the same model running every layer."""
+    """Time per sample of an RoE run skipping for real (and decoding in batches of one skip pattern) vs
+    the same model running every layer, at each batch size; reports s, f and the target 1 - 0.7 f s."""
     from moebench.cli import out
 
     import torch
@@ -196,7 +198,7 @@ def bench_roe(
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise UserError(f"--device {device!r}: give cpu, or cuda on a machine with a GPU")
     r = run_bench(run, task=task, limit=limit, batch_sizes=sizes, max_new_tokens=new_tokens, repeats=repeats,
-                  device=device)
+                  device=device, progress=progress and not as_json)
     if as_json:
         print(json.dumps(r, indent=1))
         return
