@@ -104,10 +104,27 @@ class Finished:
     key: object  # the caller's id for the prompt
     tokens: list[int]  # generated ids, without the final </s>
     ttft_s: float  # its prefill batch's time (vision, projector, prefill, first token)
-    decode_s: float  # its decoding batch's time (0 when the first token ended it)
+    decode_s: float  # its decoding batch's time (0 when its first token ended it while others decode on)
     decode_batch: int  # prompts in its decoding batch
     decode_steps: int  # decoding forwards of that batch
     prefill_batch: int  # prompts in its prefill batch
+
+
+def _compact(nxt, mask, positions, layout, rows: list[int], ttft: float, size: int) -> "_Waiting":
+    """The waiting rows of a prefill batch, copied out (so the batch's other KV rows are freed)."""
+    idx = torch.tensor(rows, device=mask.device)
+    kept = []
+    for entry in layout:
+        at = [None if entry is None else entry[2][j] for j in rows]
+        have = [r for r in at if r is not None]
+        if not have:
+            kept.append(None)
+            continue
+        sel = torch.tensor(have, device=mask.device)
+        count = iter(range(len(have)))
+        kept.append((entry[0].index_select(0, sel), entry[1].index_select(0, sel),
+                     [None if r is None else next(count) for r in at]))
+    return _Waiting(nxt[idx], mask[idx], positions[idx], kept, ttft, size)
 
 
 @dataclass
@@ -128,12 +145,15 @@ class GroupedGeneration:
 
     A variant whose examples take different paths through the LM (RoE: which layers each example skips,
     fixed at prefill) tells generation, after each prefill, each prompt's key and where its keys and
-    values are (`LMExtension.decode_layout`). Prompts wait in one pool per key; a pool that holds
-    `batch_size` prompts decodes them as one batch, their KV rows gathered from their prefill batches and
-    left-padded to one length; `flush` decodes what is left. So no forward computes more than
-    `batch_size` prompts, and a layer that a decoding batch's key skips is skipped by the whole batch:
-    decoding reads none of its weights. Answers equal `greedy_generate`'s (padding is masked and
-    positions count real tokens)."""
+    values are (`LMExtension.decode_layout`). The prompts still to decode are copied out of their prefill
+    batch and wait in one pool per key; a pool that holds `batch_size` prompts decodes them as one batch,
+    their KV rows gathered and left-padded to one length, and a layer that the key skips is skipped by
+    the whole batch: decoding reads none of its weights. When `waiting_cap` (4 batches) prompts wait,
+    and at `flush`, the largest pools decode together instead: a batch of mixed keys, where a layer that
+    only some rows run is computed on their sub-batch (`LMExtension.begin_decode`). No forward computes
+    more than `batch_size` prompts, and at most `waiting_cap` + `batch_size` prompts' KV rows are held.
+    Answers equal `greedy_generate`'s as far as the kernels are batch-invariant (padding is masked and
+    positions count real tokens; tested in fp32 on CPU)."""
 
     def __init__(self, model, *, batch_size: int, max_new_tokens: int, eos_id: int, pad_id: int):
         self.model, self.batch_size = model, batch_size
@@ -154,7 +174,8 @@ class GroupedGeneration:
     def add(self, keys: list, prompts: list[list[int]], pixel_values: torch.Tensor | None = None, *,
             image_features: torch.Tensor | None = None, image_index: torch.Tensor | None = None) -> list[Finished]:
         """Prefill one batch (arguments as `greedy_generate`'s; `keys` name the prompts); returns the prompts
-        finished by this call: those whose first token ends them, and any decoding batch that filled up."""
+        finished by this call: those whose first token ends them, any decoding batch that filled up, and
+        any mixed batch decoded because `waiting_cap` prompts were waiting."""
         device = (pixel_values if image_features is None else image_features).device
         _sync(device)
         t0 = time.perf_counter()
@@ -172,18 +193,22 @@ class GroupedGeneration:
             # a full batch of one key decodes on its own cache, as greedy_generate does
             return out + self._decode(groups * len(keys) if alone else groups, keys, [(ttft, len(prompts))] * len(keys),
                                       nxt, cache, mask, positions)
-        waiting = _Waiting(nxt, mask, positions, layout, ttft, len(prompts))
-        for j, (key, group) in enumerate(zip(keys, groups)):
+        rows = []
+        for j, key in enumerate(keys):
             if first[j] == self.kw["eos_id"] or self.kw["max_new_tokens"] <= 1:
                 out.append(Finished(key, _cut([[first[j]]], self.kw["eos_id"])[0], ttft, 0.0, 1, 0, len(prompts)))
             else:
-                self.pools.setdefault(group, []).append((waiting, j, key, group))
+                rows.append(j)
+        if rows:
+            waiting = _compact(nxt, mask, positions, layout, rows, ttft, len(prompts))
+            for r, j in enumerate(rows):
+                self.pools.setdefault(groups[j], []).append((waiting, r, keys[j], groups[j]))
         for pool in self.pools.values():
             while len(pool) >= self.batch_size:
                 out += self._merge_and_decode(pool[: self.batch_size])
                 del pool[: self.batch_size]
-        # many keys fill their pools slowly: past `waiting_cap` prompts waiting, decode a batch of the
-        # largest pools together (mixed keys), so memory stays bounded
+        # many keys fill their pools slowly: from `waiting_cap` prompts waiting, decode a batch of the
+        # largest pools together (mixed keys), so the KV rows held stay bounded
         while sum(map(len, self.pools.values())) >= self.waiting_cap:
             out += self._merge_and_decode(self._take(self.batch_size))
         return out
@@ -264,10 +289,10 @@ class GroupedGeneration:
 
     def _decode(self, groups: list, keys, ttfts, nxt, cache, mask, positions, spent: float = 0.0,
                 partial: dict | None = None) -> list[Finished]:
-        for ext in self.model.extensions():
-            ext.begin_decode(self.model, groups, partial or {})
         _sync(nxt.device)
         t0 = time.perf_counter()
+        for ext in self.model.extensions():
+            ext.begin_decode(self.model, groups, partial or {})
         gen = _decode(self.model, nxt, cache, mask, positions, **self.kw)
         _sync(nxt.device)
         took = spent + time.perf_counter() - t0

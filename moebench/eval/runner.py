@@ -73,8 +73,10 @@ def predict(model, tokenizer, encoder: Encoder, task: TaskConfig, samples: list[
 
     def run_grouped(batch: list[Sample] | None):
         """The answers finished by prefilling `batch` (None: by decoding every prompt still waiting), as
-        (samples, prompts, Generation) per decoding batch: a variant that groups decoding (RoE) decodes
-        prompts of one skip pattern together, across prefill batches."""
+        (samples, prompts, Generation, prefill batch size) per (prefill batch, decoding batch) pair: a
+        variant that groups decoding (RoE) decodes prompts of one skip pattern together, across prefill
+        batches. A sample's latency is its prefill batch's time plus its decoding batch's (not the time
+        it waited in a pool)."""
         if batch is None:
             done = grouped.flush()
         else:
