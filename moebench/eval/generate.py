@@ -105,7 +105,6 @@ class Finished:
     tokens: list[int]  # generated ids, without the final </s>
     ttft_s: float  # its prefill batch's time (vision, projector, prefill, first token)
     decode_s: float  # its decoding batch's time (0 when its first token ended it while others decode on)
-    decode_batch: int  # prompts in its decoding batch
     decode_steps: int  # decoding forwards of that batch
     prefill_batch: int  # prompts in its prefill batch
 
@@ -161,7 +160,7 @@ class GroupedGeneration:
         self.pools: dict[object, list[tuple[_Waiting, int, object, object]]] = {}  # key -> (batch, row, id, key)
         self.waiting_cap = 4 * batch_size
         self.prefill_s = self.decode_s = 0.0  # totals over the calls
-        self.prefills = self.decodes = self.decode_steps = 0
+        self.prefills = self.decode_steps = 0
 
     def _layout(self, cache, n: int):
         for ext in self.model.extensions():
@@ -188,15 +187,14 @@ class GroupedGeneration:
         ttft = time.perf_counter() - t0
         self.prefill_s += ttft
         self.prefills += 1
-        out = []
         if alone or (len(set(groups)) == 1 and len(prompts) == self.batch_size and not self.pools.get(groups[0])):
             # a full batch of one key decodes on its own cache, as greedy_generate does
-            return out + self._decode(groups * len(keys) if alone else groups, keys, [(ttft, len(prompts))] * len(keys),
+            return self._decode(groups * len(keys) if alone else groups, keys, [(ttft, len(prompts))] * len(keys),
                                       nxt, cache, mask, positions)
-        rows = []
+        out, rows = [], []
         for j, key in enumerate(keys):
             if first[j] == self.kw["eos_id"] or self.kw["max_new_tokens"] <= 1:
-                out.append(Finished(key, _cut([[first[j]]], self.kw["eos_id"])[0], ttft, 0.0, 1, 0, len(prompts)))
+                out.append(Finished(key, _cut([[first[j]]], self.kw["eos_id"])[0], ttft, 0.0, 0, len(prompts)))
             else:
                 rows.append(j)
         if rows:
@@ -233,7 +231,6 @@ class GroupedGeneration:
         out = []
         while any(self.pools.values()):
             out += self._merge_and_decode(self._take(self.batch_size))
-        self.pools = {}
         return out
 
     def _merge_and_decode(self, items: list) -> list[Finished]:
@@ -256,17 +253,19 @@ class GroupedGeneration:
         parts = [(w, js) for w, js, _ in by_batch.values()]
         length = max(w.mask.shape[1] for w, _ in parts)
 
-        def gather(get, parts_, rows_of=lambda w, js: js):
+        def gather(get, parts_, rows_of=lambda w, js: js) -> list[torch.Tensor]:
+            """Each tensor of `get(w)` at the rows, left-padded to `length`, stacked over the prefill batches."""
             xs = []
             for w, js in parts_:
                 if not js:
                     continue
-                x = get(w).index_select(0, torch.tensor(rows_of(w, js), device=device))
-                pad = length - w.mask.shape[1]
-                xs.append(nn.functional.pad(x, (0, 0, pad, 0) if x.dim() == 4 else (pad, 0)) if pad else x)
-            return torch.cat(xs) if len(xs) > 1 else xs[0]
+                idx, pad = torch.tensor(rows_of(w, js), device=device), length - w.mask.shape[1]
+                picked = [x.index_select(0, idx) for x in get(w)]
+                xs.append([nn.functional.pad(x, (0, 0, pad, 0) if x.dim() == 4 else (pad, 0)) if pad else x
+                           for x in picked])
+            return [torch.cat(col) if len(col) > 1 else col[0] for col in zip(*xs)]
 
-        mask = gather(lambda w: w.mask, parts)
+        mask, = gather(lambda w: (w.mask,), parts)
         positions = torch.cat([w.positions[js, -1:] for w, js in parts])
         nxt = torch.cat([w.nxt[js] for w, js in parts])
         cache = DynamicCache(config=self.model.llm.config)
@@ -277,7 +276,7 @@ class GroupedGeneration:
             if n_has == 0:  # every row skips this layer
                 continue
             rows = lambda w, js, i=i: [w.layout[i][2][j] for j in js]  # noqa: E731
-            kv = (gather(lambda w, i=i: w.layout[i][0], has, rows), gather(lambda w, i=i: w.layout[i][1], has, rows))
+            kv = gather(lambda w, i=i: w.layout[i][:2], has, rows)
             if n_has == len(items):
                 cache.update(*kv, i)
             else:
@@ -297,7 +296,6 @@ class GroupedGeneration:
         _sync(nxt.device)
         took = spent + time.perf_counter() - t0
         self.decode_s += took
-        self.decodes += 1
         self.decode_steps += gen.shape[1] - 1
         rows = _cut(gen.tolist(), self.kw["eos_id"])
-        return [Finished(k, r, t, took, len(keys), gen.shape[1] - 1, size) for k, r, (t, size) in zip(keys, rows, ttfts)]
+        return [Finished(k, r, t, took, gen.shape[1] - 1, size) for k, r, (t, size) in zip(keys, rows, ttfts)]
