@@ -175,11 +175,17 @@ def test_roe_recipe_trains_and_reports_skips_and_measured_params(capsys, tmp_pat
                             "--results", tmp_path / "r2", "--no-progress"], capsys)
     assert code == 0, err  # the RoE structure is rebuilt from model.json
     code, out, err = run_cli(["bench", "roe", "--model", run_dir, "--limit", "4", "--batch-sizes", "1,2",
-                              "--repeats", "1", "--json"], capsys)
+                              "--repeats", "1", "--profile", tmp_path / "prof", "--json"], capsys)
     assert code == 0, err
     b = json.loads(out)
     assert sorted(b["by_batch_size"]) == ["1", "2"] and b["samples"] == 4 and b["by_batch_size"]["1"]["rounds"] == 1
     assert 0 <= b["skip_ratio_all_layers"] <= b["skip_ratio_routable_layers"] <= 1
+    patterns = b["skip_patterns"]  # one letter per routable layer, r(un) or s(kip); the skips add up to s
+    assert sum(patterns.values()) == 4 and all(len(p) == 2 and set(p) <= {"r", "s"} for p in patterns)
+    skips = sum(n * p.count("s") for p, n in patterns.items())
+    assert skips / (4 * 4) == pytest.approx(b["skip_ratio_all_layers"])
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == [
+        "dense-batch1.txt", "dense-batch2.txt", "roe-batch1.txt", "roe-batch2.txt"]
     for x in b["by_batch_size"].values():
         assert x["ratio"] == pytest.approx(x["roe_ms_per_sample"] / x["dense_ms_per_sample"])
         assert x["roe_ms_per_sample"] == pytest.approx(x["prefill_ms_per_sample"]["roe"]
@@ -189,6 +195,11 @@ def test_roe_recipe_trains_and_reports_skips_and_measured_params(capsys, tmp_pat
         assert x["bound_1_minus_0.7_s_f"] == pytest.approx(1 - 0.7 * x["decoder_share_f"] * b["skip_ratio_all_layers"])
         assert x["meets_bound"] == (x["ratio"] <= x["bound_1_minus_0.7_s_f"])
         assert x["identical_to_one_at_a_time"]  # grouped decoding answers as the model does one prompt at a time
+        assert x["ratio_batches_of_one_pattern"] > 0
+        ops = x["ops_differing_most"]  # the profiler's operators, the largest differences first
+        gaps = [abs(o["roe_us_per_sample"] - o["dense_us_per_sample"]) for o in ops]
+        assert ops and gaps == sorted(gaps, reverse=True)
+        assert any(o["roe_calls"] != o["dense_calls"] for o in ops)  # routing runs operators dense does not
 
 
 def test_interrupted_eval_resumes_without_recomputing(tiny_run, tmp_path, monkeypatch):

@@ -175,11 +175,14 @@ def bench_roe(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch (default: torch's own)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Directory of runs and cached stage checkpoints."),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="Also profile one pass per mode and batch size "
+                                           "with torch.profiler: operator tables written to this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (not with --json)."),
 ):
     """Time per sample of an RoE run skipping for real (and decoding in batches of one skip pattern) vs
-    the same model running every layer, at each batch size; reports s, f and the target 1 - 0.7 f s."""
+    the same model running every layer, at each batch size; reports s, f and the target 1 - 0.7 f s, and
+    the same timing with the prompts sorted by skip pattern (the most any batching can give)."""
     from moebench.cli import out
 
     import torch
@@ -198,7 +201,7 @@ def bench_roe(
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise UserError(f"--device {device!r}: give cpu, or cuda on a machine with a GPU")
     r = run_bench(run, task=task, limit=limit, batch_sizes=sizes, max_new_tokens=new_tokens, repeats=repeats,
-                  device=device, progress=progress and not as_json)
+                  device=device, progress=progress and not as_json, profile_dir=profile)
     if as_json:
         print(json.dumps(r, indent=1))
         return
@@ -207,7 +210,8 @@ def bench_roe(
     t = Table(title=f"RoE {r['run']}: {r['samples']} {r['task']} prompts, {r['new_tokens']} new tokens, "
                     f"skip ratio {r['skip_ratio_all_layers']:.3f} of all layers")
     for col in ("batch size", "RoE ms/sample", "dense ms/sample", "prefill RoE/dense", "decode RoE/dense",
-                "RoE / dense", "f", "1 - f s", "1 - 0.7 f s", "rounds under", "= one at a time"):
+                "RoE / dense", "f", "1 - f s", "1 - 0.7 f s", "rounds under", "= one at a time",
+                "one-pattern batches"):
         t.add_column(col, justify="right")
     for bs, x in r["by_batch_size"].items():
         pre, dec = x["prefill_ms_per_sample"], x["decode_ms_per_sample"]
@@ -215,9 +219,19 @@ def bench_roe(
                   f"{pre['roe']:.2f}/{pre['dense']:.2f}", f"{dec['roe']:.2f}/{dec['dense']:.2f}", f"{x['ratio']:.3f}",
                   f"{x['decoder_share_f']:.3f}", f"{x['bound_1_minus_f_s']:.3f}",
                   f"{x['bound_1_minus_0.7_s_f']:.3f}", f"{x['rounds_under_bound']}/{x['rounds']}",
-                  "yes" if x["identical_to_one_at_a_time"] else "NO")
+                  "yes" if x["identical_to_one_at_a_time"] else "NO", f"{x['ratio_batches_of_one_pattern']:.3f}")
     out.print(t)
-    out.print(f"skip rate per layer: {r['skip_rate']}")
+    out.print(f"skip rate per layer: {r['skip_rate']}; prompts per skip pattern (r = run, s = skip, per routable "
+              f"layer): {r['skip_patterns']}")
+    out.print("one-pattern batches: RoE / dense with the prompts sorted by skip pattern, so no batch splits a layer: "
+              "the most any batching gives")
+    for bs, x in r["by_batch_size"].items():
+        if "ops_differing_most" in x:
+            out.print(f"batch {bs}: operators whose time differs most, us per prompt dense -> RoE: " + ", ".join(
+                f"{o['op']} {o['dense_us_per_sample']:.0f} -> {o['roe_us_per_sample']:.0f}"
+                for o in x["ops_differing_most"][:6]))
+    if profile:
+        out.print(f"profiler tables: {profile}/{{dense,roe}}-batch{{N}}.txt")
 
 
 ROE.commands = {'roe': bench_roe}
