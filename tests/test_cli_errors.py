@@ -123,3 +123,10 @@ def test_bench_gpu_runs_at_tiny_sizes_on_cpu(tmp_path, capsys):
     assert (tmp_path / "bench-gpu-cpu-tiny" / "bench-gpu.md").read_text().startswith("# moebench bench gpu")
     code, _, err = run_cli(["bench", "gpu", "--device", "cpu"], capsys)
     assert code == 2 and "--tiny" in err
+
+
+def test_bench_roe_profile_path_must_be_a_directory(capsys, tmp_path):
+    afile = tmp_path / "tables.txt"
+    afile.write_text("")
+    code, _, err = run_cli(["bench", "roe", "--profile", afile, "--runs", tmp_path], capsys)
+    _one_line_error(code, err, "--profile", "give a directory")

@@ -197,6 +197,8 @@ def bench_roe(
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
     except ValueError:
         raise UserError(f"--batch-sizes {batch_sizes!r}: give integers, e.g. 1,8") from None
+    if profile is not None and profile.exists() and not profile.is_dir():
+        raise UserError(f"--profile {profile}: that is a file; give a directory for the profiler's tables")
     run = open_run(model) if model else latest_run(runs)
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise UserError(f"--device {device!r}: give cpu, or cuda on a machine with a GPU")
