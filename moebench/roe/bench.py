@@ -115,18 +115,20 @@ def bench_roe(run, *, task: str = "gqa", limit: int = 256, batch_sizes=(1, 8, 32
         the machine's drift hits both): dense in batches of `bs`; RoE prefilling the same batches and
         decoding in batches of `bs` of one skip pattern (GroupedGeneration). {mode: (prefill s, decode s,
         answers in prompt order)}."""
-        gen, roe_answers, dense = GroupedGeneration(model, batch_size=bs, **kw), {}, [0.0, 0.0, {}]
+        gen, answers, dense_s = GroupedGeneration(model, batch_size=bs, **kw), {"roe": {}, "dense": {}}, [0.0, 0.0]
         for j, idx in enumerate(batches(bs, order)):
             for mode in (("dense", "roe") if (r + j) % 2 == 0 else ("roe", "dense")):
                 if mode == "dense":
                     g = generate("dense", idx)
-                    dense = [dense[0] + g.ttft_s, dense[1] + g.decode_s, {**dense[2], **dict(zip(idx, g.tokens))}]
+                    dense_s[0] += g.ttft_s
+                    dense_s[1] += g.decode_s
+                    answers["dense"].update(zip(idx, g.tokens))
                 else:
-                    roe_pass(gen, roe_answers, idx)
+                    roe_pass(gen, answers["roe"], idx)
         roe.ctx.mode = "hard"
-        roe_answers.update({f.key: f.tokens for f in gen.flush()})
-        return {"roe": (gen.prefill_s, gen.decode_s, [roe_answers[i] for i in range(n)]),
-                "dense": (dense[0], dense[1], [dense[2][i] for i in range(n)])}
+        answers["roe"].update({f.key: f.tokens for f in gen.flush()})
+        return {"roe": (gen.prefill_s, gen.decode_s, [answers["roe"][i] for i in range(n)]),
+                "dense": (*dense_s, [answers["dense"][i] for i in range(n)])}
 
     def timed_rounds(bs: int, order: list[int], step) -> tuple[dict, list[float], bool]:
         """A warm-up round, then `repeats` paired rounds: (per mode the median prefill / decode / total s per
@@ -162,10 +164,10 @@ def bench_roe(run, *, task: str = "gqa", limit: int = 256, batch_sizes=(1, 8, 32
                         roe_pass(gen, answers, idx)
                     gen.flush()
             sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-            table = prof.key_averages().table(sort_by=sort, row_limit=40)
-            (profile_dir / f"{mode}-batch{bs}.txt").write_text(table + "\n")
+            ops = prof.key_averages()
+            (profile_dir / f"{mode}-batch{bs}.txt").write_text(ops.table(sort_by=sort, row_limit=40) + "\n")
             times[mode] = {e.key: (e.self_device_time_total if dev.type == "cuda" else e.self_cpu_time_total, e.count)
-                           for e in prof.key_averages()}
+                           for e in ops}
         names = set(times["dense"]) | set(times["roe"])
         rows = [{"op": k, "dense_us_per_sample": times["dense"].get(k, (0, 0))[0] / n,
                  "roe_us_per_sample": times["roe"].get(k, (0, 0))[0] / n,
