@@ -74,6 +74,54 @@ def test_routing_tokens_leave_normal_tokens_unchanged_when_nothing_is_skipped(to
     assert torch.allclose(dense[real], routed[real], atol=1e-5)
 
 
+def test_routed_sdpa_equals_transformers_sdpa_on_a_boolean_mask_with_gradients():
+    """Grouped keys (enable_gqa) under a boolean mask against transformers' own SDPA, which repeats them."""
+    from transformers import AttentionInterface
+
+    from moebench.roe.model import routed_sdpa
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 2, True
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 7, 8, generator=g, requires_grad=True)  # (B, heads, T, D), 2 heads per KV head
+    k, v = (torch.randn(3, 2, 7, 8, generator=g, requires_grad=True) for _ in range(2))
+    mask = torch.rand(3, 1, 7, 7, generator=g) < 0.6
+    mask |= torch.eye(7, dtype=torch.bool)  # no empty row
+    ours, _ = routed_sdpa(Attn(), q, k, v, mask, scaling=0.3)
+    theirs, _ = AttentionInterface()["sdpa"](Attn(), q, k, v, mask, scaling=0.3)
+    assert ours.shape == theirs.shape == (3, 7, 4, 8)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad(theirs.square().sum(), (q, k, v))):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_boolean_routing_mask_equals_eager_s_additive_mask(tokenizer):
+    """The same RoE weights, routed softly over a left-padded batch: the LM switched to moebench_routed_sdpa
+    with a boolean mask, and the LM on transformers' attention with the additive mask eager would get,
+    give the same logits and skip probabilities."""
+    out = {}
+    for attention in ("sdpa", "eager"):
+        model = _model(tokenizer)
+        torch.manual_seed(1)
+        add_roe(model, RoEConfig(), attention)
+        assert model.roe.boolean_mask == (attention == "sdpa")
+        for layer in model.roe.layers(model.llm):  # routers that read the routing tokens for real
+            torch.nn.init.normal_(layer.router.weight, std=0.5, generator=torch.Generator().manual_seed(2))
+        model.roe.ctx.mode = "soft"
+        prompts, pixels = _prompts(tokenizer, model)
+        from moebench.data.conversations import pad_stack
+
+        ids, mask = pad_stack([torch.tensor(p) for p in prompts], tokenizer.pad_token_id, left=True)
+        with torch.no_grad():
+            logits = model(ids, mask, pixels).logits
+        out[attention] = logits[mask.bool()], torch.stack(model.roe.ctx.skip_probs)
+    assert torch.allclose(out["sdpa"][0], out["eager"][0], atol=1e-5)
+    assert torch.allclose(out["sdpa"][1], out["eager"][1], atol=1e-6)
+    assert out["sdpa"][1].std() > 0.01  # the routing tokens' states decide something
+
+
 def test_regulariser_hand_computed():
     """Two examples; the first under its target skip ratio, the second over it (no penalty)."""
     logits = torch.zeros(2, 3, 4)

@@ -12,6 +12,12 @@ to the image tokens, the text one to the first turn's text (both to themselves);
 attend to them, so they change nothing but the routing. After prefill their keys and values are cropped
 from the KV caches, so decoding runs with the same plain mask as the dense model.
 
+Their mask is boolean where the LM runs SDPA: RoE switches such an LM to `moebench_routed_sdpa`, transformers'
+own SDPA attention registered under a name of ours (`AttentionInterface`, with `sdpa_mask` for its masks),
+except that on CPU a boolean mask runs with grouped keys (`enable_gqa`) instead of transformers' repeated
+ones. On CPU an additive float mask with repeated keys costs about 2.3x the unmasked causal kernel at
+batch 1; a boolean one with grouped keys about 1.2x (docs/performance.md, "RoE latency").
+
 At inference a layer runs only on the examples that need it: the wrapper gathers that sub-batch, runs
 the layer on it with its own KV cache (the decision never changes during decoding, so the cache stays
 consistent), and gives the other examples the adapter shortcut. The public RoE code skips only at
@@ -30,6 +36,34 @@ from torch import nn
 from moebench.config import RoEConfig
 from moebench.distributed import shard_rand
 from moebench.models.extensions import LMExtension
+
+ROUTED_SDPA = "moebench_routed_sdpa"  # the attention implementation RoE gives an LM that runs SDPA
+
+
+def routed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention (the `AttentionInterface` contract: (B, H, T, D) in, (B, T, H, D) out),
+    except for a prefill with a boolean mask on CPU, where grouped-query keys and values go to SDPA as they
+    are (`enable_gqa`) instead of repeated per head: same result, no copies. transformers repeats them
+    whenever there is a mask because CUDA's fused kernels need that; other devices keep its path."""
+    from transformers import AttentionInterface
+
+    if (attention_mask is None or attention_mask.dtype != torch.bool or query.device.type != "cpu"
+            or query.shape[2] == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
+        return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                            scaling=scaling, **kwargs)
+    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                                     scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Make `moebench_routed_sdpa` known to transformers: the attention function, and SDPA's mask builder for
+    the masks transformers makes itself (padding, decoding)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ROUTED_SDPA, routed_sdpa)
+    AttentionMaskInterface.register(ROUTED_SDPA, sdpa_mask)
 
 
 @dataclass
@@ -220,6 +254,7 @@ class RoE(LMExtension):
         self.tokens = nn.Parameter(torch.randn(2, hidden) * 0.02)  # image, text routing tokens
         self.ctx = RoEContext(target=cfg.target_skip)
         self.layer_ids: list[int] = []
+        self.boolean_mask = False  # the LM runs moebench_routed_sdpa: routing masks are boolean (add_roe)
 
     def layers(self, llm) -> list[RoELayer]:
         return [llm.model.layers[i] for i in self.layer_ids]
@@ -322,8 +357,11 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def add_roe(model, cfg: RoEConfig) -> list[int]:
-    """Wrap the routable decoder layers of `model.llm` in place; attach `model.roe`. Returns the layers."""
+def add_roe(model, cfg: RoEConfig, attention: str = "sdpa") -> list[int]:
+    """Wrap the routable decoder layers of `model.llm` in place; attach `model.roe`. Returns the layers.
+
+    `attention`: the LM's attention implementation, as the recipe names it. An SDPA LM is switched to
+    `moebench_routed_sdpa` (SDPA with boolean routing masks); an eager one keeps eager, with additive masks."""
     llm = model.llm
     d = llm.config.hidden_size
     rank = cfg.adapter_rank or d // 2
@@ -332,18 +370,23 @@ def add_roe(model, cfg: RoEConfig) -> list[int]:
     for i in routable_layers(cfg, llm.config.num_hidden_layers):
         llm.model.layers[i] = RoELayer(llm.model.layers[i], d, rank, roe.ctx).to(device)
     roe.layer_ids = routable_layers(cfg, llm.config.num_hidden_layers)
+    if attention == "sdpa":
+        register_attention()
+        llm.set_attn_implementation(ROUTED_SDPA)
+        roe.boolean_mask = True
     model.roe = roe.to(device)
     return roe.layer_ids
 
 
 def with_routing_tokens(model, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                         input_ids: torch.Tensor, labels: torch.Tensor | None):
-    """Append the two routing tokens; return (embeds, 4-D additive mask, positions).
+    """Append the two routing tokens; return (embeds, 4-D mask, positions).
 
     The image token attends to the image placeholders, the text token to the real non-image tokens
     before the first supervised one (the first turn's prompt); normal tokens do not see either. The mask
-    costs a handful of operators over cached causal and diagonal patterns: at batch 1 its construction is
-    a visible share of a prefill.
+    is boolean for an LM on `moebench_routed_sdpa`, additive otherwise (eager adds it). It is built in a
+    dozen operators over cached causal and diagonal patterns: at batch 1 its construction is a visible
+    share of a prefill.
     """
     b, t, _ = embeds.shape
     real = attention_mask.bool()
@@ -354,14 +397,16 @@ def with_routing_tokens(model, embeds: torch.Tensor, attention_mask: torch.Tenso
         first = torch.where(supervised.any(-1), supervised.float().argmax(-1), torch.full_like(labels[:, 0], t))
         text &= torch.arange(t, device=embeds.device)[None] < first[:, None]
     causal, diagonal = _patterns(t + 2, embeds.device)
-    keys = nn.functional.pad(real, (0, 2))  # (B, T+2): the routing tokens are nobody's key but their own
-    mask = causal & keys[:, None, None, :]  # (B, 1, T+2, T+2): the prompt's causal mask over real keys
-    mask[:, 0, t, :t], mask[:, 0, t + 1, :t] = image, text
-    mask |= diagonal  # each routing token sees itself; padding rows see themselves (no empty softmax row)
-    zero = torch.zeros((), dtype=embeds.dtype, device=embeds.device)
-    mask = torch.where(mask, zero, torch.finfo(embeds.dtype).min)  # additive: eager and sdpa attention both add it
+    # prompt rows: causal over real keys; a padding row sees itself (no empty softmax row); nobody sees the
+    # routing tokens. Routing rows: their segment, and themselves.
+    prompt = nn.functional.pad(causal[:t, :t] & (real[:, None, :] | diagonal[:t, :t]), (0, 2))  # (B, T, T+2)
+    routing = torch.cat([torch.stack([image, text], 1), diagonal[None, :2, :2].expand(b, 2, 2)], 2)  # (B, 2, T+2)
+    mask = torch.cat([prompt, routing], 1)[:, None]  # (B, 1, T+2, T+2)
+    if not model.roe.boolean_mask:
+        mask = torch.where(mask, torch.zeros((), dtype=embeds.dtype, device=embeds.device),
+                           torch.finfo(embeds.dtype).min)
     rt = model.roe.tokens.to(embeds.dtype)[None].expand(b, -1, -1)
-    last = position_ids.max(-1, keepdim=True).values + 1  # (B, 1)
+    last = position_ids.amax(-1, keepdim=True) + 1  # (B, 1)
     positions = torch.cat([position_ids, last, last], dim=1)
     return torch.cat([embeds, rt], dim=1), mask, positions
 

@@ -95,7 +95,7 @@ class RoE(Variant):
             return None
         from moebench.roe.model import add_roe
 
-        layers = add_roe(model, recipe.roe)
+        layers = add_roe(model, recipe.roe, recipe.model.llm.attn_implementation)
         return f"RoE: layers {layers} may be skipped (target skip ratio {recipe.roe.target_skip})"
 
     def param_parts(self, model) -> dict[str, list]:
@@ -130,7 +130,7 @@ class RoE(Variant):
             from moebench.config import RoEConfig, from_dict
             from moebench.roe.model import add_roe
 
-            add_roe(model, from_dict(RoEConfig, meta["roe"], "roe"))
+            add_roe(model, from_dict(RoEConfig, meta["roe"], "roe"))  # rebuilt LMs run transformers' default, SDPA
 
     def counter(self, model) -> Counter:
         from moebench.roe.model import SkipCounter
@@ -150,7 +150,8 @@ class RoE(Variant):
         from moebench.roe.model import add_roe
 
         r = recipe.roe
-        layers = add_roe(model, r)  # activated at the target skip ratio (the measured one is in the eval rows)
+        # activated at the target skip ratio (the measured one is in the eval rows)
+        layers = add_roe(model, r, recipe.model.llm.attn_implementation)
         return {"note": f"RoE: {len(layers)} routable layers, activated at target skip {r.target_skip}",
                 "stats": {"skip_rate": {str(i): r.target_skip for i in layers}},
                 "roe_layers": layers, "roe_target_skip": r.target_skip}
