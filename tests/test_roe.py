@@ -101,6 +101,8 @@ def test_boolean_routing_mask_equals_eager_s_additive_mask(tokenizer):
     """The same RoE weights, routed softly over a left-padded batch: the LM switched to moebench_routed_sdpa
     with a boolean mask, and the LM on transformers' attention with the additive mask eager would get,
     give the same logits and skip probabilities."""
+    from moebench.data.conversations import pad_stack
+
     out = {}
     for attention in ("sdpa", "eager"):
         model = _model(tokenizer)
@@ -111,8 +113,6 @@ def test_boolean_routing_mask_equals_eager_s_additive_mask(tokenizer):
             torch.nn.init.normal_(layer.router.weight, std=0.5, generator=torch.Generator().manual_seed(2))
         model.roe.ctx.mode = "soft"
         prompts, pixels = _prompts(tokenizer, model)
-        from moebench.data.conversations import pad_stack
-
         ids, mask = pad_stack([torch.tensor(p) for p in prompts], tokenizer.pad_token_id, left=True)
         with torch.no_grad():
             logits = model(ids, mask, pixels).logits

@@ -45,12 +45,12 @@ def routed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     except for a prefill with a boolean mask on CPU, where grouped-query keys and values go to SDPA as they
     are (`enable_gqa`) instead of repeated per head: same result, no copies. transformers repeats them
     whenever there is a mask because CUDA's fused kernels need that; other devices keep its path."""
-    from transformers import AttentionInterface
-
     if (attention_mask is None or attention_mask.dtype != torch.bool or query.device.type != "cpu"
             or query.shape[2] == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
-        return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
-                                            scaling=scaling, **kwargs)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                                      scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
@@ -396,11 +396,12 @@ def with_routing_tokens(model, embeds: torch.Tensor, attention_mask: torch.Tenso
         supervised = labels != -100
         first = torch.where(supervised.any(-1), supervised.float().argmax(-1), torch.full_like(labels[:, 0], t))
         text &= torch.arange(t, device=embeds.device)[None] < first[:, None]
-    causal, diagonal = _patterns(t + 2, embeds.device)
+    causal, diagonal = _patterns(t, embeds.device)
     # prompt rows: causal over real keys; a padding row sees itself (no empty softmax row); nobody sees the
     # routing tokens. Routing rows: their segment, and themselves.
-    prompt = nn.functional.pad(causal[:t, :t] & (real[:, None, :] | diagonal[:t, :t]), (0, 2))  # (B, T, T+2)
-    routing = torch.cat([torch.stack([image, text], 1), diagonal[None, :2, :2].expand(b, 2, 2)], 2)  # (B, 2, T+2)
+    prompt = nn.functional.pad(causal & (real[:, None, :] | diagonal), (0, 2))  # (B, T, T+2)
+    itself = _patterns(2, embeds.device)[1].expand(b, 2, 2)
+    routing = torch.cat([torch.stack([image, text], 1), itself], 2)  # (B, 2, T+2)
     mask = torch.cat([prompt, routing], 1)[:, None]  # (B, 1, T+2, T+2)
     if not model.roe.boolean_mask:
         mask = torch.where(mask, torch.zeros((), dtype=embeds.dtype, device=embeds.device),
