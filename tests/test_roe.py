@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -337,3 +338,27 @@ def test_decoder_share_counts_the_time_inside_the_layers():
             layer(torch.zeros(1))
 
     assert decoder_share(m, call, torch.device("cpu")) == pytest.approx(2 / 3, abs=0.08)
+
+
+def test_grouped_decoding_counts_the_copying_out_of_waiting_rows(tokenizer, monkeypatch):
+    """Rows that wait for a decoding batch are copied out of their prefill batch; that time is decoding's
+    (GroupedGeneration.decode_s), in full once every waiting row has decoded, so a benchmark leaves none out."""
+    from moebench.eval import generate as generation
+
+    model = _model(tokenizer, seed=3)
+    add_roe(model, RoEConfig())
+    model.roe.ctx.mode = "hard"
+    _force(monkeypatch, lambda layer, rt: rt[:, 1, 0] >= 0)  # mixed patterns: rows wait in pools
+    prompts, pixels = _prompts(tokenizer, model)
+    real_compact, copies = generation._compact, []
+
+    def slow_compact(*args):
+        copies.append(args[4])
+        time.sleep(0.05)
+        return real_compact(*args)
+
+    monkeypatch.setattr(generation, "_compact", slow_compact)
+    answers, finished, gen = _grouped(model, prompts, pixels, 3, max_new_tokens=3, eos_id=-1,
+                                      pad_id=tokenizer.pad_token_id)
+    assert copies and len(answers) == len(prompts)
+    assert gen.decode_s >= 0.05 * len(copies)

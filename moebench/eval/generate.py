@@ -137,6 +137,7 @@ class _Waiting:
     layout: list
     ttft_s: float
     size: int  # prompts in the prefill batch
+    copy_s: float = 0.0  # the time copying these rows out took
 
 
 class GroupedGeneration:
@@ -152,7 +153,9 @@ class GroupedGeneration:
     only some rows run is computed on their sub-batch (`LMExtension.begin_decode`). No forward computes
     more than `batch_size` prompts, and at most `waiting_cap` + `batch_size` prompts' KV rows are held.
     Answers equal `greedy_generate`'s as far as the kernels are batch-invariant (padding is masked and
-    positions count real tokens; tested in fp32 on CPU)."""
+    positions count real tokens; tested in fp32 on CPU). Timing: `prefill_s` sums the prefills (to the
+    first tokens), `decode_s` the decoding batches with everything they need: copying waiting rows out of
+    their prefill batch and merging them."""
 
     def __init__(self, model, *, batch_size: int, max_new_tokens: int, eos_id: int, pad_id: int):
         self.model, self.batch_size = model, batch_size
@@ -198,7 +201,11 @@ class GroupedGeneration:
             else:
                 rows.append(j)
         if rows:
+            _sync(device)
+            t1 = time.perf_counter()
             waiting = _compact(nxt, mask, positions, layout, rows, ttft, len(prompts))
+            _sync(device)
+            waiting.copy_s = time.perf_counter() - t1  # decoding's share: counted where its rows decode
             for r, j in enumerate(rows):
                 self.pools.setdefault(groups[j], []).append((waiting, r, keys[j], groups[j]))
         for pool in self.pools.values():
@@ -282,7 +289,8 @@ class GroupedGeneration:
             else:
                 partial[i] = kv
         _sync(device)
-        merge_s = time.perf_counter() - t0
+        # the merge, and each source batch's copy-out in proportion to the rows decoded here
+        merge_s = time.perf_counter() - t0 + sum(w.copy_s * len(js) / len(w.nxt) for w, js in parts)
         return self._decode([g for _, g in rows_in_order], [k for k, _ in rows_in_order], ttfts, nxt, cache, mask,
                             positions, merge_s, partial)
 
