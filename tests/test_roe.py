@@ -362,3 +362,26 @@ def test_grouped_decoding_counts_the_copying_out_of_waiting_rows(tokenizer, monk
                                       pad_id=tokenizer.pad_token_id)
     assert copies and len(answers) == len(prompts)
     assert gen.decode_s >= 0.05 * len(copies)
+
+
+def test_waiting_rows_are_copied_out_only_when_some_prompts_of_the_batch_finished():
+    """`_compact` on a hand-built layout: when every prompt waits it keeps the prefill's tensors (no copy);
+    when prompt 0 finished at its first token, the others' rows are copied out and renumbered per layer."""
+    from moebench.eval.generate import _compact
+
+    nxt, mask = torch.tensor([5, 6, 7]), torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    k0, v0 = torch.randn(3, 1, 3, 2), torch.randn(3, 1, 3, 2)  # a layer all three ran
+    k1, v1 = torch.randn(2, 1, 3, 2), torch.randn(2, 1, 3, 2)  # a layer prompts 0 and 2 ran (rows 0, 1)
+    layout = [(k0, v0, [0, 1, 2]), (k1, v1, [0, None, 1]), None]  # the last layer: all three skipped it
+    kept = _compact(nxt, mask, positions, layout, [0, 1, 2], 0.1, 3)
+    assert kept.nxt is nxt and kept.mask is mask and kept.layout[0][0] is k0 and kept.layout[1][1] is v1
+    assert kept.layout[1][2] == [0, None, 1] and kept.layout[2] is None
+    rest = _compact(nxt, mask, positions, layout, [1, 2], 0.1, 3)
+    assert rest.nxt.tolist() == [6, 7] and rest.mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert rest.positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert torch.equal(rest.layout[0][0], k0[1:]) and torch.equal(rest.layout[0][1], v0[1:])
+    assert rest.layout[0][2] == [0, 1]  # prompt 1 is row 0 now, prompt 2 row 1
+    assert torch.equal(rest.layout[1][0], k1[1:]) and torch.equal(rest.layout[1][1], v1[1:])
+    assert rest.layout[1][2] == [None, 0]  # prompt 1 skipped it; prompt 2's row moved from 1 to 0
+    assert rest.layout[2] is None and rest.layout[0][0].data_ptr() != k0.data_ptr()

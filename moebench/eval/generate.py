@@ -110,7 +110,11 @@ class Finished:
 
 
 def _compact(nxt, mask, positions, layout, rows: list[int], ttft: float, size: int) -> "_Waiting":
-    """The waiting rows of a prefill batch, copied out (so the batch's other KV rows are freed)."""
+    """The waiting rows of a prefill batch, copied out (so the batch's other KV rows are freed). When every
+    row waits there is nothing to free and they are kept as they are: nothing writes to a prefill's tensors
+    after it (decoding batches are gathered from them into new ones)."""
+    if len(rows) == len(nxt):
+        return _Waiting(nxt, mask, positions, list(layout), ttft, size)
     idx = torch.tensor(rows, device=mask.device)
     kept = []
     for entry in layout:
