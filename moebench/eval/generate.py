@@ -149,12 +149,13 @@ class GroupedGeneration:
 
     A variant whose examples take different paths through the LM (RoE: which layers each example skips,
     fixed at prefill) tells generation, after each prefill, each prompt's key and where its keys and
-    values are (`LMExtension.decode_layout`). The prompts still to decode wait in one pool per key (copied out
-    of their prefill batch when some of its prompts already finished, as they are when none did); a pool that holds `batch_size` prompts decodes them as one batch,
-    their KV rows gathered and left-padded to one length, and a layer that the key skips is skipped by
-    the whole batch: decoding reads none of its weights. When `waiting_cap` (4 batches) prompts wait,
-    and at `flush`, the largest pools decode together instead: a batch of mixed keys, where a layer that
-    only some rows run is computed on their sub-batch (`LMExtension.begin_decode`). No forward computes
+    values are (`LMExtension.decode_layout`). The prompts still to decode wait in one pool per key (copied
+    out of their prefill batch where some of its prompts already finished); a pool that holds `batch_size`
+    prompts decodes them as one batch, their KV rows gathered and left-padded to one length, and a layer
+    that the key skips is skipped by the whole batch: decoding reads none of its weights. When
+    `waiting_cap` (4 batches) prompts wait, and at `flush`, the largest pools decode together instead: a
+    batch of mixed keys, where a layer that only some rows run is computed on their sub-batch
+    (`LMExtension.begin_decode`). No forward computes
     more than `batch_size` prompts, and at most `waiting_cap` + `batch_size` prompts' KV rows are held.
     Answers equal `greedy_generate`'s as far as the kernels are batch-invariant (padding is masked and
     positions count real tokens; tested in fp32 on CPU). Timing: `prefill_s` sums the prefills (to the
