@@ -155,12 +155,11 @@ class GroupedGeneration:
     that the key skips is skipped by the whole batch: decoding reads none of its weights. When
     `waiting_cap` (4 batches) prompts wait, and at `flush`, the largest pools decode together instead: a
     batch of mixed keys, where a layer that only some rows run is computed on their sub-batch
-    (`LMExtension.begin_decode`). No forward computes
-    more than `batch_size` prompts, and at most `waiting_cap` + `batch_size` prompts' KV rows are held.
-    Answers equal `greedy_generate`'s as far as the kernels are batch-invariant (padding is masked and
-    positions count real tokens; tested in fp32 on CPU). Timing: `prefill_s` sums the prefills (to the
-    first tokens), `decode_s` the decoding batches with everything they need: copying waiting rows out of
-    their prefill batch and merging them."""
+    (`LMExtension.begin_decode`). No forward computes more than `batch_size` prompts, and at most
+    `waiting_cap` + `batch_size` prompts' KV rows are held. Answers equal `greedy_generate`'s as far as
+    the kernels are batch-invariant (padding is masked and positions count real tokens; tested in fp32 on
+    CPU). Timing: `prefill_s` sums the prefills (to the first tokens), `decode_s` the decoding batches with
+    everything they need: copying waiting rows out of their prefill batch and merging them."""
 
     def __init__(self, model, *, batch_size: int, max_new_tokens: int, eos_id: int, pad_id: int):
         self.model, self.batch_size = model, batch_size
